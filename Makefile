@@ -1,0 +1,54 @@
+# The two commands of the course: `make tutorial` and `make test`.
+# Both create `.venv` and the tiny synthetic city when they are missing.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CITY := data/synthetic_tiny
+NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
+export MPLBACKEND := Agg
+
+.PHONY: setup city tutorial test unit nbtest lint figures bench clean-city
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+city: $(CITY)
+
+$(CITY): | $(STAMP)
+	$(PY) -m netvlad_tutorial make-synthetic --out $(CITY) --preset tiny --seed 0
+
+# Run the whole course on the synthetic city: every notebook executed in place, outputs kept.
+tutorial: setup city
+	$(PY) -m netvlad_tutorial run-notebooks $(NOTEBOOKS)
+
+# Unit tests, then every notebook through nbval (lax: only `# NBVAL_CHECK_OUTPUT` cells compared).
+test: setup city
+	$(PY) -m pytest tests -q
+	@if [ -n "$(NOTEBOOKS)" ]; then \
+	  $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
+	    --nbval-sanitize-with notebooks/sanitize.cfg $(NOTEBOOKS); \
+	fi
+
+unit: setup
+	$(PY) -m pytest tests -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+figures: setup city
+	$(PY) -m netvlad_tutorial figures --out figures
+
+bench: setup
+	$(PY) -m netvlad_tutorial.bench mining
+	$(PY) -m netvlad_tutorial.bench speed --device cpu
+
+clean-city:
+	rm -rf $(CITY)
