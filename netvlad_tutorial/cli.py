@@ -16,7 +16,8 @@ def _make_synthetic(args):
 def _check_data(args):
     from .data import check_data, format_report
 
-    report = check_data(args.root, struct_file=args.struct, split=args.split, name=args.name)
+    report = check_data(args.root, struct_file=args.struct, split=args.split, name=args.name,
+                        queries_dir=args.queries_dir, decode=args.decode)
     print(format_report(report))
 
 
@@ -71,8 +72,10 @@ def run_notebooks(paths, timeout=1200):
     for path in map(Path, paths):
         start = time.perf_counter()
         nb = nbformat.read(path, as_version=4)
+        # `display_page`: `%psource` output is stored in the notebook, not sent to a pager.
         client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                                resources={"metadata": {"path": str(path.parent)}})
+                                resources={"metadata": {"path": str(path.parent)}},
+                                extra_arguments=["--InteractiveShell.display_page=True"])
         client.execute()
         nbformat.write(nb, path)
         print(f"{path}: executed in {time.perf_counter() - start:.0f} s")
@@ -105,6 +108,9 @@ def build_parser():
     p.add_argument("--struct", type=Path, default=None, help="a dbStruct .mat file")
     p.add_argument("--split", default=None, help="train, val or test (instead of --struct)")
     p.add_argument("--name", default=None, help="dataset name, e.g. pitts30k")
+    p.add_argument("--queries-dir", default="queries_real", help="query folder under ROOT")
+    p.add_argument("--decode", action="store_true",
+                   help="decode every image fully (catches truncated JPEGs; slower)")
     p.set_defaults(func=_check_data)
 
     p = sub.add_parser("train", help="train NetVLAD with hard-negative mining")

@@ -18,7 +18,7 @@ from scipy.io.matlab import MatReadError
 from scipy.spatial import cKDTree
 from torch.utils.data import Dataset
 from torchvision import transforms
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 QUERIES_DIR = "queries_real"
 DATASETS_DIR = Path("netvlad_v100_datasets") / "datasets"

@@ -52,10 +52,11 @@ def topk_search(q, db, k, chunk_size=1024, device=None):
             dist = q_sq[qs:qe, None] + d_sq[None] - 2 * q[qs:qe].float() @ d.T  # (m, C)
             dist = torch.cat([best_dist[qs:qe], dist], dim=1)  # (m, k + C)
             idx = torch.cat([best_idx[qs:qe], d_idx.expand(qe - qs, -1)], dim=1)  # (m, k + C)
-            best_dist[qs:qe], order = dist.topk(k, dim=1, largest=False)  # (m, k)
-            best_idx[qs:qe] = idx.gather(1, order)
-    dist = best_dist.clamp_min(0).sqrt()
-    return dist.cpu().numpy(), best_idx.cpu().numpy()
+            # A stable sort keeps equal distances in index order (`idx` ascends along a row).
+            dist, order = dist.sort(dim=1, stable=True)  # (m, k + C)
+            best_dist[qs:qe], best_idx[qs:qe] = dist[:, :k], idx.gather(1, order[:, :k])
+    # Equal distances come out in database-index order, so rankings do not depend on `k`.
+    return best_dist.clamp_min(0).sqrt().cpu().numpy(), best_idx.cpu().numpy()
 
 
 def first_hit_rank(predictions, positives):

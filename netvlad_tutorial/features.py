@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .utils import amp_supported, autocast
 

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchvision.models import VGG16_Weights
 from torchvision.models.vgg import cfgs, make_layers
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .utils import REPO_ROOT, atomic_save, autocast
 

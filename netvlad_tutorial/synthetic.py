@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from scipy.spatial import cKDTree
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .data import QUERIES_DIR, SPLITS, DbStruct, load_split, save_db_struct, struct_path
 
@@ -67,6 +67,9 @@ PRESETS = {
     "tiny": Preset((96, 128), {"train": 6, "val": 3, "test": 3}),
     # 1,280 / 640 / 640 database views, 320 / 160 / 160 queries.
     "small": Preset((120, 160), {"train": 20, "val": 10, "test": 10}),
+    # 64 / 32 / 32 database views, 16 / 8 / 8 queries at 32 x 48: for unit tests of training.
+    "micro": Preset((32, 48), {"train": 2, "val": 1, "test": 1}, places_per_street=8,
+                    queries_per_street=8),
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -586,7 +589,7 @@ def show_city(root, split="train", num_places=3, max_views=6, max_queries=2, nam
         num_places: rows, chosen at random (`seed`) among places that have queries.
         max_views, max_queries: database views and queries shown per place.
     """
-    from matplotlib.figure import Figure
+    from .viz import NotebookFigure as Figure
 
     loaded = load_split(root, split, name)
     db, root, queries_dir = loaded.db, Path(loaded.root), loaded.queries_dir
@@ -624,7 +627,7 @@ def plot_city_map(dbs, ax=None):
         dbs: a `DbStruct` or a list of them (e.g. train, val and test).
         ax: a matplotlib axes to draw on; by default a new figure.
     """
-    from matplotlib.figure import Figure
+    from .viz import NotebookFigure as Figure
 
     dbs = [dbs] if isinstance(dbs, DbStruct) else list(dbs)
     if ax is None:

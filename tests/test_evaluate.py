@@ -134,3 +134,14 @@ def test_dedup_panorama_keeps_first_view_of_each_panorama():
                 seen.add(pano)
                 kept.append(j)
         assert out_row[:len(kept)].tolist() == kept
+
+
+def test_ties_are_ordered_by_index_whatever_k():
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(5, 8)).astype(np.float32)
+    db = np.repeat(base, 4, axis=0)  # every row appears 4 times: exact ties
+    q = base[[2, 4]] + 0.01
+    _, idx_small = topk_search(q, db, k=6, chunk_size=3, device="cpu")
+    _, idx_large = topk_search(q, db, k=20, chunk_size=7, device="cpu")
+    np.testing.assert_array_equal(idx_small, idx_large[:, :6])
+    np.testing.assert_array_equal(idx_small[:, :4], [[8, 9, 10, 11], [16, 17, 18, 19]])

@@ -1,0 +1,146 @@
+"""The speed benchmark: the loop NetVLAD module, image decoding paths and a miniature run."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from netvlad_tutorial.bench import (
+    LoopNetVLAD,
+    Normalize255,
+    _call_with_fallback,
+    bench_images,
+    check_targets,
+    image_batches,
+    main,
+    slugify,
+    variant_settings,
+)
+from netvlad_tutorial.data import input_transform
+from netvlad_tutorial.model import EmbedNet, NetVLAD
+
+FIGURES = ("cache_img_per_s", "train_tuples_per_s", "peak_mem_mb")
+
+
+@pytest.fixture
+def jpegs(tmp_path):
+    """Eight random 16x32 JPEG files (conv5: 1x2 descriptors)."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(8):
+        pixels = rng.integers(0, 256, (16, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:02d}.jpg", quality=90)
+    return folder
+
+
+def test_loop_netvlad_equals_vectorized():
+    torch.manual_seed(0)
+    pool = NetVLAD(num_clusters=8, dim=16)
+    pool.set_centroids(torch.randn(8, 16), alpha=5.0)
+    loop = LoopNetVLAD(pool)
+    assert loop.centroids is pool.centroids and loop.conv is pool.conv  # shared, not copied
+    x = torch.randn(3, 16, 5, 7)
+    torch.testing.assert_close(loop(x), pool(x), atol=1e-5, rtol=1e-4)
+    # the same gradients too: the training step of both variants trains the same thing
+    loop(x).square().sum().backward()
+    grads = [p.grad.clone() for p in (pool.centroids, pool.conv.weight)]
+    pool.zero_grad()
+    pool(x).square().sum().backward()
+    for g, p in zip(grads, (pool.centroids, pool.conv.weight)):
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_decoding_paths_match_input_transform(jpegs):
+    paths = sorted(jpegs.glob("*.jpg"))
+    reference = torch.stack([input_transform()(Image.open(p).convert("RGB")) for p in paths])
+    # the file-bytes path runs `decode_jpeg` on the CPU here (nvjpeg on CUDA)
+    nvjpeg_on_cpu = {**variant_settings("project", "cpu"), "decode": "nvjpeg"}
+    for settings in (variant_settings("reference", "cpu"), variant_settings("project", "cpu"),
+                     nvjpeg_on_cpu):
+        batches = list(image_batches(paths, torch.device("cpu"), 3, settings, num_workers=0))
+        assert [len(b) for b in batches] == [3, 3, 2]
+        channels_last = batches[0].is_contiguous(memory_format=torch.channels_last)
+        assert channels_last == settings["channels_last"]
+        torch.testing.assert_close(torch.cat(batches), reference, atol=1e-5, rtol=1e-5)
+    x = torch.tensor([[0, 255], [128, 64]], dtype=torch.uint8).expand(1, 3, 2, 2)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    expected = (x.float() / 255 - mean[:, None, None]) / std[:, None, None]
+    torch.testing.assert_close(Normalize255("cpu")(x), expected)
+
+
+def test_variant_settings_on_cpu():
+    ref, proj = variant_settings("reference", "cpu"), variant_settings("project", "cpu")
+    assert (ref["amp"], ref["channels_last"], ref["pool"], ref["decode"]) == (
+        False, False, "loop", "pil")
+    assert (proj["amp"], proj["channels_last"], proj["pool"]) == (True, True, "vectorized")
+    assert proj["decode"] == "pil-uint8" and not proj["compile"]  # nvjpeg and compile: CUDA
+    assert variant_settings("project", "cpu", gpu_decode=True)["decode"] == "pil-uint8"
+    with pytest.raises(ValueError, match="reference"):
+        variant_settings("fast", "cpu")
+
+
+class FailingCompiled(nn.Module):
+    """Stands for a `torch.compile`d module whose compilation fails at the first call."""
+
+    def __init__(self, orig):
+        super().__init__()
+        self._orig_mod = orig
+
+    def forward(self, x):
+        raise RuntimeError("inductor failed")
+
+
+def test_compile_failure_falls_back_to_eager():
+    torch.manual_seed(0)
+    encoder = nn.Conv2d(3, 16, 1)
+    model = EmbedNet(FailingCompiled(encoder), NetVLAD(num_clusters=4, dim=16))
+    x = torch.randn(2, 3, 4, 5)
+    info = {"compiled": True}
+    v = _call_with_fallback(lambda: model(x), model, info)
+    assert model.encoder is encoder and info["compiled"] is False
+    assert "inductor failed" in info["compile_error"]
+    torch.testing.assert_close(v, model.pool(encoder(x)))
+    with pytest.raises(RuntimeError, match="channels"):  # eager errors are not swallowed
+        _call_with_fallback(lambda: model(torch.randn(2, 5, 4, 5)), model, {})
+
+
+def test_bench_images_cycles_through_files(jpegs):
+    paths = bench_images(11, image_dir=jpegs)
+    assert [p.name for p in paths] == [f"{i % 8:02d}.jpg" for i in range(11)]
+    with pytest.raises(FileNotFoundError, match="JPEG"):
+        bench_images(4, image_dir=jpegs / "missing")
+
+
+def test_slugify_and_targets():
+    assert slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert slugify("Intel(R) Xeon(R) Processor, 2 cores") == "intel-xeon-processor-2-cores"
+    result = {"device": "cuda", "project": {"cache_img_per_s": 2000.0, "train_peak_mem_mb": 9000},
+              "speedup": {"cache": 4.0, "train": 3.0}, "cosine": {"min": 0.9995}}
+    met = {name: t["met"] for name, t in check_targets(result).items()}
+    assert met == {"cache_img_per_s": True, "cache_speedup": True, "train_speedup": False,
+                   "train_peak_mem_mb": False, "cosine_min": True}
+
+
+def test_miniature_run_json(jpegs, tmp_path, capsys):
+    out = tmp_path / "results"
+    main(["speed", "--device", "cpu", "--json", "--image-dir", str(jpegs), "--num-images", "8",
+          "--batch-size", "4", "--train-steps", "1", "--warmup-steps", "0", "--num-workers", "0",
+          "--in-process",
+          "--out", str(out)])
+    result = json.loads(capsys.readouterr().out)  # exactly one JSON object on stdout
+    assert result["device"] == "cpu" and result["image_size"] == [16, 32]
+    assert result["num_images"] == 8 and result["batch_size"] == 4
+    for name in ("reference", "project"):
+        for key in FIGURES:
+            assert result[name][key] > 0, (name, key)
+    assert result["reference"]["settings"]["pool"] == "loop"
+    assert result["project"]["settings"]["pool"] == "vectorized"
+    assert result["speedup"]["cache"] == pytest.approx(
+        result["project"]["cache_img_per_s"] / result["reference"]["cache_img_per_s"])
+    assert -1 <= result["cosine"]["min"] <= result["cosine"]["mean"] <= 1 + 1e-6
+    saved = json.loads((out / result["saved_to"].rsplit("/", 1)[1]).read_text())
+    assert saved["reference"] == result["reference"] and "saved_to" not in saved

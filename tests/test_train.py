@@ -1,0 +1,72 @@
+"""Training: resume equality, checkpoints, the evaluate command's errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from netvlad_tutorial import train as tr
+from netvlad_tutorial.cli import main as cli_main
+
+
+def _micro_config(city):
+    """The tiny preset shrunk to seconds: small images, few clusters, fp32 for exactness."""
+    return tr.PRESETS["tiny"].replace(
+        data_root=str(city), image_size=(32, 48), num_clusters=4, epochs=2, n_neg=2,
+        n_neg_sample=20, n_neg_dist=10, cache_refresh=8, kmeans_images=20, kmeans_per_image=4,
+        kmeans_iters=10, amp=False, lr=1e-3, device="cpu")
+
+
+def test_resume_gives_the_same_final_weights(micro_city, tmp_path):
+    config = _micro_config(micro_city)
+    straight = tr.train(config, tmp_path / "straight")
+    tr.train(config, tmp_path / "resumed", stop_after=1)  # "killed" after epoch 0
+    assert not (tmp_path / "resumed" / "finished").exists()
+    resumed = tr.train(config, tmp_path / "resumed", resume=True)
+    a = torch.load(tmp_path / "straight" / "latest.pth", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "latest.pth", weights_only=False)
+    assert a["epoch"] == b["epoch"] == 1
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0, msg=key)
+    np.testing.assert_array_equal(a["neg_cache"]["negatives"], b["neg_cache"]["negatives"])
+    assert [r["loss"] for r in straight] == [r["loss"] for r in resumed]
+    # Training changed the weights (the equality above is not trivially true).
+    first = torch.load(tmp_path / "resumed" / "best.pth", weights_only=False)
+    init = tr.make_model(config, tr.load_split(micro_city, "train"), torch.device("cpu"))
+    changed = [k for k, v in init.state_dict().items()
+               if not torch.equal(v, a["model"][k])]
+    assert changed and first["epoch"] in (0, 1)
+
+
+def test_log_files_and_checkpoint_contents(micro_city, tmp_path):
+    config = _micro_config(micro_city).replace(epochs=1)
+    tr.train(config, tmp_path)
+    log = json.loads((tmp_path / "log.json").read_text())
+    assert [row["epoch"] for row in log] == [0]
+    assert (tmp_path / "log.csv").read_text().splitlines()[0].startswith("epoch,loss")
+    ckpt = torch.load(tmp_path / "best.pth", weights_only=False)
+    for key in ("model", "optimizer", "scheduler", "epoch", "neg_cache", "rng", "model_config"):
+        assert key in ckpt
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_evaluate_errors_are_clear(micro_city, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["evaluate", "--data-root", str(micro_city), "--checkpoint",
+                  str(tmp_path / "missing.pth")])
+    assert exit_info.value.code == 2
+    assert "missing.pth not found" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit):
+        cli_main(["evaluate", "--data-root", str(tmp_path), "--untrained"])
+    assert str(tmp_path) in capsys.readouterr().err
+
+    # A checkpoint of another model configuration (K = 4 vs the preset's 16).
+    config = _micro_config(micro_city).replace(epochs=1)
+    tr.train(config, tmp_path / "run")
+    ckpt = torch.load(tmp_path / "run" / "best.pth", weights_only=False)
+    ckpt["model_config"] = {**ckpt["model_config"], "num_clusters": 64}
+    torch.save(ckpt, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="use the matching --preset"):
+        tr.evaluate_checkpoint(micro_city, checkpoint=tmp_path / "other.pth")
