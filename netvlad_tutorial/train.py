@@ -30,7 +30,7 @@ from .data import (
 from .evaluate import RECALL_VALUES, recall_at_n
 from .features import compute_descriptors
 from .mining import NegativeCache, TripletDataset, collate_fn, mine_triplets, triplet_loss
-from .model import build_model, fit_pca_whitening, init_netvlad, model_config
+from .model import PCAWhitening, build_model, fit_pca_whitening, init_netvlad, model_config
 from .utils import REPO_ROOT, amp_supported, atomic_save, autocast, get_device, set_seed
 
 # ---------------------------------------------------------------------------------------------
@@ -448,16 +448,36 @@ def evaluate_checkpoint(data_root, split="test", checkpoint=None, untrained=Fals
         load_checkpoint(checkpoint, model_config(model))
         model.load_state_dict(ckpt["model"])
     if pca:
-        db_desc, _ = split_descriptors(model, train_split, config, device,
-                                       desc="Descriptors for PCA")
-        db_desc = db_desc[np.random.default_rng(config.seed).permutation(len(db_desc))[:10000]]
-        dim = min(pca_dim or config.pca_dim, len(db_desc) - 1)
-        model.pca = fit_pca_whitening(db_desc, dim).to(device)
+        model.pca = load_or_fit_pca(model, config, train_split, device, pca_dim,
+                                    checkpoint if checkpoint is not None and not untrained
+                                    else None)
     recalls = evaluate_split(model, eval_split, config, device)
     result = {f"recall@{n}": float(r) for n, r in recalls.items()}
     result.update(split=split, dim=int(model.out_dim), num_queries=int(eval_split.db.numQ),
                   model="untrained" if untrained and checkpoint is None else str(checkpoint))
     return result
+
+
+def load_or_fit_pca(model, config, train_split, device, pca_dim=None, checkpoint=None):
+    """PCA whitening of `model`: from `checkpoint` if it holds one of that size, else fitted.
+
+    Fitting uses up to 10,000 training-database descriptors (the reference); the fitted layer is
+    then stored in the checkpoint (`ckpt["pca"]`, written atomically) for the next evaluation.
+    """
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False) if checkpoint else {}
+    stored = ckpt.get("pca")
+    if stored is not None and (pca_dim is None or stored["out_dim"] == pca_dim):
+        layer = PCAWhitening(stored["in_dim"], stored["out_dim"])
+        layer.load_state_dict(stored["state_dict"])
+        return layer.to(device)
+    db_desc, _ = split_descriptors(model, train_split, config, device, desc="Descriptors for PCA")
+    db_desc = db_desc[np.random.default_rng(config.seed).permutation(len(db_desc))[:10000]]
+    layer = fit_pca_whitening(db_desc, min(pca_dim or config.pca_dim, len(db_desc) - 1))
+    if checkpoint:
+        ckpt["pca"] = {"in_dim": layer.in_dim, "out_dim": layer.out_dim,
+                       "state_dict": layer.state_dict()}
+        atomic_save(ckpt, checkpoint)
+    return layer.to(device)
 
 
 def _tuple(cfg):

@@ -70,3 +70,19 @@ def test_evaluate_errors_are_clear(micro_city, tmp_path, capsys):
     torch.save(ckpt, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="use the matching --preset"):
         tr.evaluate_checkpoint(micro_city, checkpoint=tmp_path / "other.pth")
+
+
+def test_pca_whitening_is_stored_in_the_checkpoint(micro_city, tmp_path):
+    config = _micro_config(micro_city).replace(epochs=1)
+    tr.train(config, tmp_path)
+    ckpt_path = tmp_path / "best.pth"
+    first = tr.evaluate_checkpoint(micro_city, checkpoint=ckpt_path, pca=True, pca_dim=8,
+                                   amp=False)
+    stored = torch.load(ckpt_path, weights_only=False)["pca"]
+    assert (stored["in_dim"], stored["out_dim"]) == (4 * 512, 8) and first["dim"] == 8
+    # The second evaluation loads the stored layer: same recalls, checkpoint unchanged.
+    again = tr.evaluate_checkpoint(micro_city, checkpoint=ckpt_path, pca=True, pca_dim=8,
+                                   amp=False)
+    assert again == first
+    torch.testing.assert_close(torch.load(ckpt_path, weights_only=False)["pca"]["state_dict"],
+                               stored["state_dict"], rtol=0, atol=0)
