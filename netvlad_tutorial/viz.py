@@ -20,8 +20,8 @@ from PIL import Image
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .data import IMAGENET_MEAN, IMAGENET_STD
+
 FRAME_WIDTH = 4
 
 
