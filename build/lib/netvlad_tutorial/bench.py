@@ -1,0 +1,861 @@
+"""Benchmarks that print the reference's figures and the project's side by side.
+
+    python -m netvlad_tutorial.bench mining [--scale 0.1]
+    python -m netvlad_tutorial.bench speed [--device cuda|cpu] [--json]
+"""
+
+import argparse
+import gc
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import tracemalloc
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.neighbors import NearestNeighbors
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.functional import pil_to_tensor
+from tqdm.auto import tqdm
+
+from .data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SPLITS,
+    DbStruct,
+    NegativeSampler,
+    WholeDataset,
+    eval_positives,
+    input_transform,
+    load_image,
+    load_split,
+    train_positives,
+)
+from .mining import triplet_loss
+from .model import (
+    assignment_alpha,
+    build_model,
+    kmeans_centroids,
+    netvlad_loop,
+    prepare_for_device,
+)
+from .utils import REPO_ROOT, amp_supported, autocast
+
+PITTS250K_TRAIN = (91_464, 7_824)  # database images, queries
+VIEWS_PER_PLACE = 24  # pitch1/pitch2 x yaw1..12, all at the place's position
+
+
+def pitts_like_struct(scale=1.0, seed=0, place_spacing=10.0, block=150.0):
+    """Positions shaped like Pitts250k-train: places on a street grid, 24 views per place.
+
+    Places lie along the streets of a square grid (`block` metres apart), one per
+    `place_spacing` metres on average; each query is near a random place (a few metres off).
+    """
+    rng = np.random.default_rng(seed)
+    num_places = max(1, round(PITTS250K_TRAIN[0] * scale) // VIEWS_PER_PLACE)
+    num_q = max(1, round(PITTS250K_TRAIN[1] * scale))
+    num_lines = int(np.sqrt(num_places * place_spacing / (2 * block))) + 1  # per direction
+    side = num_lines * block
+    street = rng.integers(0, 2 * num_lines, num_places)
+    along = rng.uniform(0, side, num_places)
+    across = (street % num_lines) * block
+    east_west = street < num_lines
+    places = np.stack([np.where(east_west, along, across),
+                       np.where(east_west, across, along)], axis=1) + (585_000.0, 4_477_000.0)
+    utm_db = np.repeat(places, VIEWS_PER_PLACE, axis=0)
+    utm_q = places[rng.integers(0, num_places, num_q)] + rng.normal(0, 3.0, (num_q, 2))
+    db_names = [f"{i // VIEWS_PER_PLACE // 1000:03d}/{i // VIEWS_PER_PLACE:06d}_pitch"
+                f"{i % 2 + 1}_yaw{i // 2 % 12 + 1}.jpg" for i in range(len(utm_db))]
+    q_names = [f"{j // 1000:03d}/{j:06d}_pitch1_yaw1.jpg" for j in range(num_q)]
+    return DbStruct("train", "pitts_like", db_names, utm_db, q_names, utm_q,
+                    len(utm_db), num_q, 25, 625, 100)
+
+
+def seed_structures(db):
+    """The seed's (and Nanne's) way: radius search, then one `setdiff1d` array per query."""
+    knn = NearestNeighbors().fit(db.utmDb)
+    dist, positives = knn.radius_neighbors(db.utmQ, radius=db.posDistThr)
+    train = [p[d ** 2 <= db.nonTrivPosDistSqThr] for d, p in zip(dist, positives)]
+    all_db = np.arange(db.numDb)
+    negatives = [np.setdiff1d(all_db, p, assume_unique=True) for p in positives]
+    return positives, train, negatives
+
+
+def project_structures(db):
+    """This project's way: sorted positives per query and a `NegativeSampler`."""
+    return eval_positives(db), train_positives(db), NegativeSampler(db)
+
+
+def measure(fn, *args):
+    """(seconds, peak extra MiB) of `fn(*args)`, with its result kept alive until the end.
+
+    Time is taken in a plain run, memory in a second run under `tracemalloc`.
+    """
+    gc.collect()
+    start = time.perf_counter()
+    result = fn(*args)
+    seconds = time.perf_counter() - start
+    del result
+    gc.collect()
+    tracemalloc.start()
+    result = fn(*args)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    del result
+    return seconds, peak / 2 ** 20
+
+
+def bench_mining(scale=1.0, seed=0, num_sample_queries=1000, num_negatives=1000):
+    """Build positives and negatives both ways on Pitts250k-train-shaped positions.
+
+    Returns:
+        a dict with the sizes, one row per approach (name, seconds, peak MiB) and the mean
+        time of one `NegativeSampler.sample(q, num_negatives)` call in microseconds.
+    """
+    db = pitts_like_struct(scale, seed)
+    rows = [("seed: radius_neighbors + setdiff1d per query", *measure(seed_structures, db)),
+            ("project: positives + NegativeSampler", *measure(project_structures, db))]
+    sampler, rng = NegativeSampler(db), np.random.default_rng(seed)
+    num_negatives = min(num_negatives, db.numDb // 4)  # small scales have fewer images
+    queries = rng.integers(0, db.numQ, num_sample_queries)
+    start = time.perf_counter()
+    for q in queries:
+        sampler.sample(q, num_negatives, rng)
+    sample_us = (time.perf_counter() - start) / len(queries) * 1e6
+    return {"num_db": db.numDb, "num_q": db.numQ, "rows": rows, "sample_us": sample_us,
+            "num_negatives": num_negatives}
+
+
+def format_mining(result):
+    """The `bench_mining` result as a small table."""
+    lines = [f"Positives and negatives for {result['num_db']:,} database images and "
+             f"{result['num_q']:,} queries (Pitts250k-train shape)",
+             f"{'approach':<48}{'time (s)':>10}{'peak extra memory':>20}"]
+    for name, seconds, mib in result["rows"]:
+        size = f"{mib / 1024:.2f} GiB" if mib >= 1024 else f"{mib:.1f} MiB"
+        lines.append(f"{name:<48}{seconds:>10.2f}{size:>20}")
+    lines.append(f"NegativeSampler.sample(q, {result['num_negatives']}): "
+                 f"{result['sample_us']:.0f} us per query")
+    lines.append("reference (reference-facts.md, same machine): seed approach 14.6 s, 5.5 GB")
+    return "\n".join(lines)
+
+
+def _run_mining(args):
+    print(format_mining(bench_mining(scale=args.scale, seed=args.seed)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed: cache pass and training step, the reference formulation vs the project's path
+# ---------------------------------------------------------------------------------------------
+
+NUM_CLUSTERS = 64  # K; D = 512 from VGG16 conv5
+TUPLES, TUPLE_SIZE = 4, 12  # a training batch: 4 x (query, positive, 10 negatives)
+SPEED_DEFAULTS = {  # image size (H, W), images in the cache pass, batch size, timed train steps
+    "cuda": {"image_size": (480, 640), "num_images": 4096, "batch_size": 64, "train_steps": 10},
+    "cpu": {"image_size": (120, 160), "num_images": 96, "batch_size": 16, "train_steps": 2},
+}
+TARGETS = {  # issue 6: minimum speedups (and GPU throughput, training memory) of the project
+    "cuda": {"cache_img_per_s": 1800, "cache_speedup": 3.5, "train_speedup": 3.5,
+             "train_peak_mem_mb": 8192, "cosine_min": 0.999},
+    "cpu": {"cache_speedup": 2.0, "train_speedup": 2.0, "cosine_min": 0.999},
+}
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+
+
+class LoopNetVLAD(nn.Module):
+    """NetVLAD computed cluster by cluster (`model.netvlad_loop`), sharing a layer's weights.
+
+    The reference (Nanne/pytorch-NetVlad) formulation: one (B, D, H*W) residual tensor per
+    cluster, which autograd keeps for the backward pass, K times.
+
+    Args:
+        pool: a `model.NetVLAD` whose `conv` and `centroids` this module uses (not copies).
+    """
+
+    def __init__(self, pool):
+        super().__init__()
+        self.conv, self.centroids = pool.conv, pool.centroids
+        self.num_clusters, self.dim = pool.num_clusters, pool.dim
+        self.normalize_input = pool.normalize_input
+
+    def forward(self, x):
+        """VLAD vectors (B, K*D) of local descriptors `x` (B, D, H, W)."""
+        return netvlad_loop(x, self.conv, self.centroids, self.normalize_input)
+
+
+def variant_settings(name, device, compile=None, gpu_decode=None):
+    """The levers of the "reference" or "project" variant on `device` (a plain dict).
+
+    Args:
+        compile: `torch.compile` the project's encoder; default: on CUDA.
+        gpu_decode: decode the project's JPEGs with nvjpeg on the GPU; default: on CUDA.
+    """
+    cuda = torch.device(device).type == "cuda"
+    if name == "reference":  # Nanne: fp32, NCHW, loop NetVLAD, PIL workers, .cpu() per batch
+        return {"amp": False, "channels_last": False, "pool": "loop", "decode": "pil",
+                "pin_memory": False, "cudnn_benchmark": False, "device_cache": False,
+                "compile": False}
+    if name != "project":
+        raise ValueError(f"unknown variant {name!r}; expected 'reference' or 'project'")
+    compile = cuda and hasattr(torch, "compile") if compile is None else compile
+    gpu_decode = cuda if gpu_decode is None else gpu_decode and cuda
+    return {"amp": amp_supported(device), "channels_last": True, "pool": "vectorized",
+            "decode": "nvjpeg" if gpu_decode else "pil-uint8", "pin_memory": cuda,
+            "cudnn_benchmark": cuda, "device_cache": True, "compile": bool(compile)}
+
+
+# --- Images -----------------------------------------------------------------------------------
+
+
+def bench_images(num_images, image_size=None, image_dir=None, seed=0):
+    """`num_images` JPEG paths: files under `image_dir`, else a synthetic city, cycled if few.
+
+    The synthetic city (preset "tiny", 960 images at `image_size`) is generated once into
+    `data/cache/bench_city_<H>x<W>_seed<seed>/` and reused.
+    """
+    if image_dir is not None:
+        image_dir = Path(image_dir)
+        files = sorted(p for p in image_dir.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
+        if not files:
+            raise FileNotFoundError(f"no JPEG files (*.jpg, *.jpeg) under {image_dir}; expected "
+                                    "a folder of same-size JPEG images, e.g. a Pittsburgh root")
+    else:
+        from .synthetic import make_synthetic_city
+
+        h, w = image_size
+        root = REPO_ROOT / "data" / "cache" / f"bench_city_{h}x{w}_seed{seed}"
+        if not (root / "netvlad_v100_datasets").is_dir():  # the .mat files are written last
+            partial = root.with_name(root.name + ".partial")
+            make_synthetic_city(partial, preset="tiny", seed=seed, image_size=(h, w))
+            os.replace(partial, root)
+        files = []
+        for split in SPLITS:
+            s = load_split(root, split)
+            files += WholeDataset(s.root, s.db, queries_dir=s.queries_dir).paths
+    return [files[i % len(files)] for i in range(num_images)]
+
+
+class JpegFiles(Dataset):
+    """Item i: JPEG file i decoded by PIL and passed through `transform`, and i."""
+
+    def __init__(self, paths, transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.transform(load_image(self.paths[i])), i
+
+
+class JpegBytes(Dataset):
+    """Item i: the bytes of JPEG file i as a (num_bytes,) uint8 tensor (decoded later), and i."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return torch.frombuffer(bytearray(Path(self.paths[i]).read_bytes()), dtype=torch.uint8), i
+
+
+def _collate_bytes(items):
+    """A batch of `JpegBytes` items as one tensor: (all bytes, (B,) byte counts).
+
+    One tensor per batch (not one per image) crosses from the worker: a single shared-memory
+    segment and file descriptor, and a single buffer to pin.
+    """
+    return torch.cat([data for data, _ in items]), torch.tensor([len(data) for data, _ in items])
+
+
+def decode_jpegs_gpu(data, device):
+    """Decode a list of JPEG byte tensors with nvjpeg on `device`: (B, 3, H, W) uint8."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():  # torchvision >= 0.29 deprecates its decoders
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.stack(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+
+
+def gpu_decode_error(path, device):
+    """None if nvjpeg decodes `path` on `device` like PIL (same shape), else why not."""
+    try:
+        x = decode_jpegs_gpu([JpegBytes([path])[0][0]], device)  # (1, 3, H, W)
+        expected = tuple(pil_to_tensor(load_image(path)).shape)
+        if tuple(x.shape[1:]) != expected:
+            return f"nvjpeg gave shape {tuple(x.shape[1:])}, PIL {expected}"
+    except Exception as e:  # no nvjpeg, CPU-only torchvision, old torchvision...
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+class Normalize255(nn.Module):
+    """uint8 images (B, 3, H, W) -> float ImageNet-normalized, like `data.input_transform`."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+
+    def forward(self, x):
+        """Normalized float32 images (B, 3, H, W) in `x`'s memory format."""
+        return (x.float() - self.mean) / self.std
+
+
+def image_batches(paths, device, batch_size, settings, num_workers):
+    """Batches (B, 3, H, W) of the images at `paths`, in order, on `device`, ready for the model.
+
+    settings["decode"]: "pil" (float tensors made in the workers, as the reference),
+    "pil-uint8" (uint8 from the workers, normalized on `device`) or "nvjpeg" (file bytes from
+    the workers, decoded on the GPU). Copies are non-blocking from pinned memory when
+    settings["pin_memory"]; no step waits for the device.
+    """
+    decode, pin = settings["decode"], settings["pin_memory"]
+    fmt = torch.channels_last if settings["channels_last"] else torch.contiguous_format
+    kwargs = {"batch_size": batch_size, "num_workers": num_workers, "pin_memory": pin}
+    if decode == "pil":
+        for x, _ in DataLoader(JpegFiles(paths, input_transform()), **kwargs):
+            yield x.to(device, non_blocking=pin).contiguous(memory_format=fmt)
+        return
+    normalize = Normalize255(device)
+    if decode == "nvjpeg":
+        for data, sizes in DataLoader(JpegBytes(paths), collate_fn=_collate_bytes, **kwargs):
+            x = decode_jpegs_gpu(list(data.split(sizes.tolist())), device)  # (B, 3, H, W) uint8
+            yield normalize(x.contiguous(memory_format=fmt))
+    elif decode == "pil-uint8":
+        for x, _ in DataLoader(JpegFiles(paths, pil_to_tensor), **kwargs):
+            x = x.to(device, non_blocking=pin)  # (B, 3, H, W) uint8
+            yield normalize(x.contiguous(memory_format=fmt))
+    else:
+        raise ValueError(f"unknown decode {decode!r}; expected 'pil', 'pil-uint8' or 'nvjpeg'")
+
+
+# --- Measurements -----------------------------------------------------------------------------
+
+
+def _sync(device):
+    """Wait for the work queued on `device` (a no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device):
+    """Start a new peak of `torch.cuda.max_memory_allocated` (CPU: RSS peaks can't reset)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_mb(device):
+    """Peak memory in MiB: `torch.cuda.max_memory_allocated` on CUDA, peak RSS on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _rss_mb():
+    """Current resident memory of this process in MiB (None where /proc is missing)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except OSError:
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _call_with_fallback(fn, model, info):
+    """`fn()`; if it fails with a compiled encoder, go back to the eager one and call it again."""
+    try:
+        return fn()
+    except Exception as e:
+        if not hasattr(model.encoder, "_orig_mod"):
+            raise
+        model.encoder = model.encoder._orig_mod
+        info["compiled"] = False
+        info["compile_error"] = f"{type(e).__name__}: {e}"[:500]
+        return fn()
+
+
+def cache_pass(model, paths, device, batch_size, settings, num_workers, info):
+    """Images/s from JPEG files to descriptors in a preallocated float16 cache, and the cache.
+
+    The first batch is a warm-up (compilation, cuDNN autotuning, worker start): the clock starts
+    when it is done and counts every later image, up to the cache on the host.
+
+    Returns:
+        (images per second, the (N, K*D) float16 cache on the host).
+    """
+    n = len(paths)
+    cache_device = device if settings["device_cache"] else torch.device("cpu")
+    cache = torch.empty(n, model.out_dim, dtype=torch.float16, device=cache_device)
+    batches = image_batches(paths, device, batch_size, settings, num_workers)
+    model.eval()
+    t0, start, row = time.perf_counter(), None, 0
+    with torch.no_grad():
+        for x in tqdm(batches, total=-(-n // batch_size), desc="cache pass", unit="batch",
+                      leave=False):
+            def encode(x=x):
+                with autocast(device, settings["amp"]):
+                    return model(x)  # (B, K*D) float32
+
+            v = _call_with_fallback(encode, model, info) if start is None else encode()
+            # the reference copies each batch to the host; the project keeps the cache on device
+            cache[row:row + len(v)] = v if settings["device_cache"] else v.cpu()
+            row += len(v)
+            if start is None:
+                _sync(device)
+                info["cache_warmup_s"] = time.perf_counter() - t0
+                start, first = time.perf_counter(), row
+    cache = cache.cpu()  # waits for the device
+    seconds = time.perf_counter() - start
+    if row <= first:
+        raise ValueError(f"{n} images in batches of {batch_size}: need at least two batches")
+    return (row - first) / seconds, cache
+
+
+def train_pass(model, images, device, amp, steps, info, warmup_steps=1):
+    """Tuples/s of training steps on 4 tuples x 12 images: forward, backward, SGD step.
+
+    `warmup_steps` untimed steps (compilation, cuDNN autotuning), then `steps` timed ones.
+    Trains what requires grad (conv5 and NetVLAD).
+
+    Args:
+        images: (48, 3, H, W) on `device`, per tuple a query, a positive and 10 negatives.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=1e-3)
+    model.train()
+
+    def step():
+        with autocast(device, amp):
+            v = model(images).view(TUPLES, TUPLE_SIZE, -1)  # `v`: (4, 12, K*D)
+        negs = v[:, 2:].flatten(0, 1)  # (40, K*D)
+        loss = triplet_loss(v[:, 0], v[:, 1], negs, TUPLE_SIZE - 2)  # an int: no host sync
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    t0 = time.perf_counter()
+    for i in range(warmup_steps):
+        _call_with_fallback(step, model, info) if i == 0 else step()
+    _sync(device)
+    info["train_warmup_s"] = time.perf_counter() - t0
+    start = time.perf_counter()
+    for _ in tqdm(range(steps), desc="training steps", leave=False):
+        step()
+    _sync(device)
+    return steps * TUPLES / (time.perf_counter() - start)
+
+
+def load_images(paths):
+    """(B, 3, H, W) float tensor of the images at `paths`, decoded by PIL, normalized."""
+    transform = input_transform()
+    return torch.stack([transform(load_image(p)) for p in paths])
+
+
+def encode_images(model, images, device, batch_size, settings):
+    """(N, out_dim) float32 host array: `model`'s descriptors of `images` (N, 3, H, W)."""
+    fmt = torch.channels_last if settings["channels_last"] else torch.contiguous_format
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for x in images.split(batch_size):
+            x = x.to(device).contiguous(memory_format=fmt)  # (B, 3, H, W)
+            with autocast(device, settings["amp"]):
+                out.append(model(x).float().cpu())  # (B, out_dim)
+    return torch.cat(out).numpy()
+
+
+def make_bench_state(paths, device, path, num_clusters=NUM_CLUSTERS, num_images=16, seed=0):
+    """Save the weights both variants use: random VGG16 conv5, NetVLAD fitted to the images.
+
+    The centroids are k-means (20 iterations) of the conv5 descriptors of the first
+    `num_images` images and α is set as in `model.assignment_alpha`, so the soft-assignment is
+    as sharp as after the real initialization. Random centroids would leave every descriptor
+    nearly equidistant to all of them, and any two VLAD implementations would trivially agree.
+    Images too small for k-means (fewer than 4 descriptors per cluster) get sampled
+    descriptors, jittered, as centroids.
+
+    Returns:
+        dict with the `alpha` and the number of descriptors fitted (`num_descriptors`).
+    """
+    torch.manual_seed(seed)
+    model = build_model(num_clusters, weights=None, train_all=False)
+    with torch.no_grad():
+        x = model.encoder.to(device)(load_images(paths[:num_images]).to(device))  # (B, D, h, w)
+    descs = F.normalize(x, dim=1).flatten(2).transpose(1, 2).flatten(0, 1)  # (B*h*w, D)
+    descs = descs.cpu().numpy()
+    if len(descs) >= 4 * num_clusters:
+        centroids = kmeans_centroids(descs, num_clusters, iters=20, seed=seed)
+    else:
+        rng = np.random.default_rng(seed)
+        centroids = descs[rng.choice(len(descs), num_clusters)]
+        centroids = centroids + rng.normal(0, 0.01, centroids.shape).astype(np.float32)
+    alpha = assignment_alpha(centroids, descs)
+    model.pool.set_centroids(centroids, alpha)
+    torch.save(model.cpu().state_dict(), path)
+    del model, x
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return {"alpha": alpha, "num_descriptors": len(descs),
+            "centroids": "k-means" if len(descs) >= 4 * num_clusters else "sampled"}
+
+
+def run_variant(config):
+    """Measure one variant (config["name"]): cache pass, training step, peak memory.
+
+    Meant to run in a fresh process (`_variant_main`) so that peak memory is this variant's.
+    Writes the first config["num_cosine"] cache rows (float32) to config["desc_path"] and,
+    if it decodes with nvjpeg, its descriptors of the PIL-decoded images to
+    config["same_input_path"] (the numerics compared without the decoders' differences).
+
+    Returns:
+        dict with cache_img_per_s, train_tuples_per_s, peak_mem_mb (max of the two phases),
+        cache_peak_mem_mb and train_peak_mem_mb (CUDA only), the settings used and timings.
+    """
+    device = torch.device(config["device"])
+    settings = dict(config["settings"])
+    info = {"settings": settings}
+    cudnn_benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = settings["cudnn_benchmark"]
+    try:
+        torch.manual_seed(config["seed"])
+        model = build_model(NUM_CLUSTERS, weights=None, train_all=False)
+        model.load_state_dict(torch.load(config["state_path"], weights_only=True))
+        if settings["pool"] == "loop":
+            model.pool = LoopNetVLAD(model.pool)
+        prepare_for_device(model, device, fast=settings["channels_last"])
+        if settings["decode"] == "nvjpeg":
+            error = gpu_decode_error(config["paths"][0], device)
+            if error:
+                settings["decode"], info["gpu_decode_error"] = "pil-uint8", error
+        info["compiled"] = False
+        if settings["compile"]:
+            try:
+                model.encoder = torch.compile(model.encoder, dynamic=False)  # compiled lazily
+                info["compiled"] = True
+            except Exception as e:
+                info["compile_error"] = f"{type(e).__name__}: {e}"[:500]
+        info["rss_start_mb"] = _rss_mb()
+        _reset_peak(device)
+        info["cache_img_per_s"], cache = cache_pass(
+            model, config["paths"], device, config["batch_size"], settings,
+            config["num_workers"], info)
+        info["cache_peak_mem_mb"] = _peak_mb(device)
+        num_cosine = config["num_cosine"]
+        np.save(config["desc_path"], cache[:num_cosine].float().numpy())
+        del cache
+        if settings["decode"] == "nvjpeg":  # pil-uint8 gives the reference's pixels
+            images = load_images(config["paths"][:num_cosine])  # (M, 3, H, W), as the reference
+            np.save(config["same_input_path"], encode_images(
+                model, images, device, config["batch_size"], settings))
+        paths = [config["paths"][i % len(config["paths"])] for i in range(TUPLES * TUPLE_SIZE)]
+        fmt = torch.channels_last if settings["channels_last"] else torch.contiguous_format
+        images = load_images(paths).to(device).contiguous(memory_format=fmt)  # (48, 3, H, W)
+        _reset_peak(device)
+        info["train_tuples_per_s"] = train_pass(model, images, device, settings["amp"],
+                                                config["train_steps"], info,
+                                                config["warmup_steps"])
+        info["train_peak_mem_mb"] = _peak_mb(device)
+    finally:
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+    info["peak_mem_mb"] = max(info["cache_peak_mem_mb"], info["train_peak_mem_mb"])
+    if device.type != "cuda":  # one RSS peak for the whole process: the phases don't separate
+        del info["cache_peak_mem_mb"], info["train_peak_mem_mb"]
+    return info
+
+
+def _variant_main(config_path):
+    """Child process entry: run the variant of the JSON config, write its result JSON."""
+    config = json.loads(Path(config_path).read_text())
+    try:
+        result = run_variant(config)
+    except Exception:
+        result = {"error": traceback.format_exc()[-3000:]}
+    Path(config["result_path"]).write_text(json.dumps(result))
+
+
+def _run_isolated(config, workdir):
+    """`run_variant(config)` in a fresh Python process (its own peak memory)."""
+    config_path = Path(workdir) / f"config_{config['name']}.json"
+    config_path.write_text(json.dumps(config))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    code = f"from netvlad_tutorial.bench import _variant_main; _variant_main({str(config_path)!r})"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, stdout=2)  # stdout -> stderr
+    result_path = Path(config["result_path"])
+    if not result_path.exists():
+        return {"error": f"the {config['name']} process exited with code {proc.returncode}"}
+    return json.loads(result_path.read_text())
+
+
+def device_name(device):
+    """The GPU's name, or the CPU's model name and core count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def slugify(text):
+    """`NVIDIA H100 80GB HBM3` -> `nvidia-h100-80gb-hbm3`."""
+    text = re.sub(r"\((r|tm)\)", "", text.lower())
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-")
+
+
+def _versions(device):
+    """Python, torch and torchvision versions; CUDA and cuDNN too when `device` is CUDA."""
+    import torchvision
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "torchvision": torchvision.__version__}
+    if torch.device(device).type == "cuda":
+        versions.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                        cudnn_allow_tf32=torch.backends.cudnn.allow_tf32)
+    return versions
+
+
+def bench_speed(device=None, image_size=None, num_images=None, batch_size=None,
+                train_steps=None, warmup_steps=1, compile=None, gpu_decode=None, num_workers=None,
+                image_dir=None, isolate=True, num_cosine=64, seed=0):
+    """The reference and the project measured one after the other on the same images.
+
+    Args:
+        device: "cuda" or "cpu"; default: CUDA if available. `None` arguments take the
+            device's `SPEED_DEFAULTS`.
+        num_images: images in the cache pass, rounded up to whole batches.
+        train_steps, warmup_steps: timed and untimed training steps.
+        compile, gpu_decode: project levers (see `variant_settings`).
+        num_workers: DataLoader workers of both variants; default min(8, CPU count).
+        image_dir: time these JPEG files (same size) instead of a synthetic city.
+        isolate: each variant in a fresh process (honest peak memory; slower to start).
+        num_cosine: images whose reference and project descriptors are compared (rounded up
+            to whole batches: a compiled encoder sees no new batch shape).
+
+    Returns:
+        the JSON-ready result: device, versions, settings, "reference" and "project" figures,
+        speedups, descriptor cosine similarity and the issue's targets met or not.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type not in SPEED_DEFAULTS:
+        raise ValueError(f"device {device} not supported; use cuda or cpu")
+    defaults = SPEED_DEFAULTS[device.type]
+    image_size = tuple(image_size or defaults["image_size"])
+    batch_size = batch_size or defaults["batch_size"]
+    num_images = -(-(num_images or defaults["num_images"]) // batch_size) * batch_size
+    train_steps = train_steps or defaults["train_steps"]
+    num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
+    paths = bench_images(num_images, image_size, image_dir, seed)
+    image_size = tuple(pil_to_tensor(load_image(paths[0])).shape[1:])
+    result = {"device": device.type, "device_name": device_name(device),
+              "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), **_versions(device),
+              "image_size": list(image_size), "num_images": num_images,
+              "distinct_images": len(set(paths)), "batch_size": batch_size,
+              "train_batch": f"{TUPLES} tuples x {TUPLE_SIZE} images",
+              "train_steps": train_steps, "warmup_steps": warmup_steps,
+              "num_workers": num_workers, "num_clusters": NUM_CLUSTERS, "dim": 512,
+              "isolated": isolate, "load_avg": list(os.getloadavg())}
+    with tempfile.TemporaryDirectory(prefix="netvlad_bench_") as workdir:
+        state_path = Path(workdir) / "state.pt"
+        result["init"] = make_bench_state(paths, device, state_path, seed=seed)
+        descs = {}
+        for name in ("reference", "project"):
+            config = {"name": name, "device": str(device), "paths": [str(p) for p in paths],
+                      "settings": variant_settings(name, device, compile, gpu_decode),
+                      "state_path": str(state_path), "batch_size": batch_size,
+                      "train_steps": train_steps, "warmup_steps": warmup_steps,
+                      "num_workers": num_workers, "seed": seed,
+                      "num_cosine": min(-(-num_cosine // batch_size) * batch_size, num_images),
+                      "desc_path": str(Path(workdir) / f"desc_{name}.npy"),
+                      "same_input_path": str(Path(workdir) / f"same_input_{name}.npy"),
+                      "result_path": str(Path(workdir) / f"result_{name}.json")}
+            if isolate:
+                result[name] = _run_isolated(config, workdir)
+            else:
+                result[name] = run_variant(config)
+            if "error" not in result[name]:
+                descs[name] = np.load(config["desc_path"])
+                same_input = Path(config["same_input_path"])
+                descs[name + "_same_input"] = np.load(same_input if same_input.exists()
+                                                      else config["desc_path"])
+    ref, proj = result["reference"], result["project"]
+    if "error" not in ref and "error" not in proj:
+        # the same decoded pixels, then each variant's own whole pipeline (decoder included)
+        result["cosine"] = _cosine(descs["reference"], descs["project_same_input"])
+        result["cosine_end_to_end"] = _cosine(descs["reference"], descs["project"])
+        result["speedup"] = {
+            "cache": proj["cache_img_per_s"] / ref["cache_img_per_s"],
+            "train": proj["train_tuples_per_s"] / ref["train_tuples_per_s"],
+            "peak_mem_ratio": ref["peak_mem_mb"] / proj["peak_mem_mb"]}
+        result["targets"] = check_targets(result)
+    return result
+
+
+def _cosine(a, b):
+    """Mean and min cosine similarity of the rows of `a` and `b` (M, K*D)."""
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return {"mean": float(cos.mean()), "min": float(cos.min()), "num_images": len(cos)}
+
+
+def check_targets(result):
+    """The issue's targets for this device: {name: {"target", "measured", "met"}}."""
+    measured = {"cache_img_per_s": result["project"]["cache_img_per_s"],
+                "cache_speedup": result["speedup"]["cache"],
+                "train_speedup": result["speedup"]["train"],
+                "train_peak_mem_mb": result["project"].get("train_peak_mem_mb"),
+                "cosine_min": result["cosine"]["min"]}
+    out = {}
+    for name, target in TARGETS[result["device"]].items():
+        value = measured[name]
+        met = value <= target if name.endswith("_mem_mb") else value >= target
+        out[name] = {"target": target, "measured": value, "met": bool(met)}
+    return out
+
+
+def save_results(result, out_dir=RESULTS_DIR):
+    """Write `result` to `<out_dir>/<device name slug>_<date>.json` (atomically); its path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{slugify(result['device_name'])}_{result['date'][:10]}.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def format_speed(result):
+    """The `bench_speed` result as a side-by-side table."""
+    h, w = result["image_size"]
+    lines = [f"Speed on {result['device']} ({result['device_name']}), torch {result['torch']}: "
+             f"{result['num_images']} images of {h}x{w}, batch {result['batch_size']}, "
+             f"training {result['train_batch']}"]
+    ref, proj = result["reference"], result["project"]
+    for name, r in (("reference", ref), ("project", proj)):
+        if "error" in r:
+            lines.append(f"{name} FAILED:\n{r['error']}")
+    if "speedup" not in result:
+        return "\n".join(lines)
+    memory = "GPU memory allocated" if result["device"] == "cuda" else "RSS of the process"
+    rows = [("cache pass (images/s)", "cache_img_per_s", result["speedup"]["cache"], ".1f"),
+            ("training (tuples/s)", "train_tuples_per_s", result["speedup"]["train"], ".2f"),
+            (f"peak memory (MiB, {memory})", "peak_mem_mb", None, ".0f")]
+    if result["device"] == "cuda":
+        rows += [("  of which cache pass", "cache_peak_mem_mb", None, ".0f"),
+                 ("  of which training", "train_peak_mem_mb", None, ".0f")]
+    lines.append(f"{'figure':<42}{'reference':>12}{'project':>12}{'project/ref':>13}")
+    for label, key, speedup, fmt in rows:
+        ratio = f"{speedup:.2f}x" if speedup is not None else ""
+        lines.append(f"{label:<42}{ref[key]:>12{fmt}}{proj[key]:>12{fmt}}{ratio:>13}")
+    cos, s = result["cosine"], proj["settings"]
+    lines.append(f"descriptor cosine, reference vs project ({cos['num_images']} images, same "
+                 f"decoded pixels): mean {cos['mean']:.6f}, min {cos['min']:.6f}")
+    e2e = result["cosine_end_to_end"]
+    if s["decode"] == "nvjpeg":
+        lines.append(f"  end to end, each variant's own JPEG decoder: mean {e2e['mean']:.6f}, "
+                     f"min {e2e['min']:.6f}")
+    lines.append(f"project: {'bf16 autocast, ' if s['amp'] else ''}channels_last, vectorized "
+                 f"NetVLAD, decode {s['decode']}, compile "
+                 f"{'on' if proj.get('compiled') else 'off'}"
+                 f"{', cudnn.benchmark, pinned memory' if s['cudnn_benchmark'] else ''}")
+    for key in ("gpu_decode_error", "compile_error"):
+        if key in proj:
+            lines.append(f"  ({key}: {proj[key]})")
+    lines.append("reference: fp32, NCHW, per-cluster loop NetVLAD, PIL in "
+                 f"{result['num_workers']} DataLoader workers, .cpu() per batch")
+    for name, t in result["targets"].items():
+        lines.append(f"target {name} {'<=' if name.endswith('_mem_mb') else '>='} "
+                     f"{t['target']}: {t['measured']:.4g} {'met' if t['met'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
+def _run_speed(args):
+    """The `speed` sub-command: run, save the JSON, print a table or the JSON."""
+    result = bench_speed(device=args.device, image_size=args.image_size,
+                         num_images=args.num_images, batch_size=args.batch_size,
+                         train_steps=args.train_steps, warmup_steps=args.warmup_steps,
+                         compile=args.compile,
+                         gpu_decode=args.gpu_decode, num_workers=args.num_workers,
+                         image_dir=args.image_dir, isolate=not args.in_process, seed=args.seed)
+    if args.out is not None:
+        result["saved_to"] = str(save_results(result, args.out))
+    print(json.dumps(result) if args.json else format_speed(result))
+    if any("error" in result[name] for name in ("reference", "project")):
+        raise SystemExit(1)
+
+
+def build_parser():
+    """One sub-command per benchmark."""
+    parser = argparse.ArgumentParser(prog="python -m netvlad_tutorial.bench",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("mining", help="positives + negative sampling vs the seed's lists")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="fraction of the Pitts250k-train size (1.0: 91,464 x 7,824)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run_mining)
+
+    p = sub.add_parser("speed", help="cache pass and training step: reference vs project",
+                       description=bench_speed.__doc__.split("\n")[0])
+    p.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                   help="default: cuda if available")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="synthetic images (default: 480 640 on cuda, 120 160 on cpu; "
+                        "ignored with --image-dir)")
+    p.add_argument("--num-images", type=int, default=None,
+                   help="images in the cache pass (default: 4096 on cuda, 96 on cpu)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="cache-pass batch (default: 64 on cuda, 16 on cpu)")
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="timed training steps (default: 10 on cuda, 2 on cpu)")
+    p.add_argument("--warmup-steps", type=int, default=1,
+                   help="untimed training steps first (default: 1)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the project's encoder (default: on cuda), falls back "
+                        "to eager if compiling fails")
+    p.add_argument("--gpu-decode", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode JPEGs with nvjpeg on the GPU (default: on cuda), falls back "
+                        "to PIL workers if unavailable")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="DataLoader workers (default: min(8, CPU count))")
+    p.add_argument("--image-dir", type=Path, default=None,
+                   help="time these JPEG files (same size, recursive) instead of synthetic ones")
+    p.add_argument("--in-process", action="store_true",
+                   help="run both variants in this process (faster start, peak memory mixed)")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR,
+                   help="folder of the result JSON (default: benchmarks/results)")
+    p.add_argument("--no-save", dest="out", action="store_const", const=None,
+                   help="do not write a result file")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run_speed)
+    return parser
+
+
+def main(argv=None):
+    """Run the benchmark named on the command line."""
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

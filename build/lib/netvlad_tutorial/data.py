@@ -1,0 +1,540 @@
+"""Stage 1: the datasets, exactly as the NetVLAD `.mat` files describe them.
+
+A dataset split is a `DbStruct`: database and query image names with their UTM positions, read
+from the authors' `netvlad_v100_datasets` files (Pittsburgh 250k/30k, Tokyo 24/7, TokyoTM) or
+from a VPR-benchmark image folder. From the positions come the ground truth:
+- evaluation positives: database images within `posDistThr` (25 m) of the query;
+- training positives: within `sqrt(nonTrivPosDistSqThr)` (10 m);
+- negatives: farther than 25 m (drawn on demand by `NegativeSampler`, never listed).
+"""
+
+from collections import namedtuple
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy.io import loadmat, savemat
+from scipy.io.matlab import MatReadError
+from scipy.spatial import cKDTree
+from torch.utils.data import Dataset
+from torchvision import transforms
+from tqdm import tqdm
+
+QUERIES_DIR = "queries_real"
+DATASETS_DIR = Path("netvlad_v100_datasets") / "datasets"
+SPLITS = ("train", "val", "test")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+DbStruct = namedtuple(
+    "DbStruct",
+    ["whichSet", "dataset", "dbImage", "utmDb", "qImage", "utmQ", "numDb", "numQ",
+     "posDistThr", "posDistSqThr", "nonTrivPosDistSqThr", "dbTimeStamp", "qTimeStamp"],
+    defaults=(None, None),
+)
+DbStruct.__doc__ = """One dataset split, with the seed's field names.
+
+dbImage, qImage: lists of image names (database names relative to the dataset root, query names
+relative to `root/queries_real`); utmDb, utmQ: (N, 2) float64 UTM easting/northing in metres;
+numDb, numQ: int; posDistThr (25), posDistSqThr (625), nonTrivPosDistSqThr (100): numbers;
+dbTimeStamp, qTimeStamp: (N,) int64 arrays for TokyoTM, else None; dataset: the file's name
+without its split, e.g. "pitts30k"."""
+
+Split = namedtuple("Split", ["db", "root", "queries_dir"])
+Split.__doc__ = """A split ready to load: its `DbStruct`, the image root and the query folder
+(relative to `root`; "" when query names are relative to `root` itself)."""
+
+# The fields of `dbStruct` in the files, in order (the MATLAB names of Relja/netvlad).
+MAT_FIELDS = ("whichSet", "dbImageFns", "utmDb", "qImageFns", "utmQ", "numImages",
+              "numQueries", "posDistThr", "posDistSqThr", "nonTrivPosDistSqThr")
+MAT_FIELDS_TM = ("whichSet", "dbImageFns", "utmDb", "dbTimeStamp", "qImageFns", "utmQ",
+                 "qTimeStamp", "numImages", "numQueries", "posDistThr", "posDistSqThr",
+                 "nonTrivPosDistSqThr")
+
+PITTSBURGH_LAYOUT = f"""\
+Expected the Pittsburgh layout (netvlad_v100_datasets):
+  ROOT/000/000000_pitch1_yaw1.jpg, ...    database images (names in dbStruct relative to ROOT)
+  ROOT/{QUERIES_DIR}/000/000000_pitch1_yaw1.jpg, ...    queries (relative to ROOT/{QUERIES_DIR})
+  ROOT/{DATASETS_DIR.as_posix()}/NAME_SPLIT.mat    e.g. pitts30k_val.mat, with a `dbStruct`
+`dbStruct` has 10 fields: {", ".join(MAT_FIELDS[:5])},
+  {", ".join(MAT_FIELDS[5:])}
+(TokyoTM: 12 or 13, with dbTimeStamp after utmDb and qTimeStamp after utmQ)."""
+
+FOLDER_LAYOUT = """\
+Expected the VPR-benchmark folder layout:
+  FOLDER/database/@UTM_EAST@UTM_NORTH@...@.jpg    database images
+  FOLDER/queries/@UTM_EAST@UTM_NORTH@...@.jpg     query images
+(FOLDER is ROOT/SPLIT or ROOT; the names hold @utm_easting@utm_northing@zone@letter@lat@lon@
+pano@tile@heading@pitch@roll@height@timestamp@note@, of which only the first two are needed)."""
+
+
+class DataLayoutError(ValueError):
+    """A dataset file or folder that is not laid out as expected."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and writing the .mat files
+# ---------------------------------------------------------------------------------------------
+
+
+def struct_path(root, name, split):
+    """The `.mat` file of dataset `name` and `split` under `root` (Pittsburgh layout)."""
+    return Path(root) / DATASETS_DIR / f"{name}_{split}.mat"
+
+
+def _strings(cell):
+    """An N x 1 MATLAB cell of strings as a list of str."""
+    return [f[0].item() for f in cell]
+
+
+def parse_db_struct(path):
+    """Read a NetVLAD `.mat` file (Pittsburgh, Tokyo 24/7: 10 fields; TokyoTM: 12 or 13)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such .mat file.\n{PITTSBURGH_LAYOUT}")
+    try:
+        mat = loadmat(path)
+    except (MatReadError, ValueError, TypeError, OSError, NotImplementedError) as err:
+        raise DataLayoutError(f"{path}: not a readable MATLAB v5 .mat file ({err}).\n"
+                              f"{PITTSBURGH_LAYOUT}") from err
+    if "dbStruct" not in mat:
+        keys = sorted(k for k in mat if not k.startswith("__"))
+        raise DataLayoutError(f"{path}: no `dbStruct` variable (found {keys}).\n"
+                              f"{PITTSBURGH_LAYOUT}")
+    if mat["dbStruct"].dtype.names is None or mat["dbStruct"].size != 1:
+        raise DataLayoutError(f"{path}: `dbStruct` is not a single MATLAB struct.\n"
+                              f"{PITTSBURGH_LAYOUT}")
+    s = mat["dbStruct"].item()
+    if len(s) == 10:
+        (which, db_names, utm_db, q_names, utm_q, num_db, num_q,
+         thr, sq_thr, non_triv) = s
+        db_time = q_time = None
+    elif len(s) in (12, 13):  # TokyoTM; a 13th field, if any, is not needed
+        (which, db_names, utm_db, db_time, q_names, utm_q, q_time, num_db, num_q,
+         thr, sq_thr, non_triv) = s[:12]
+        db_time = db_time.ravel().astype(np.int64)
+        q_time = q_time.ravel().astype(np.int64)
+    else:
+        raise DataLayoutError(f"{path}: `dbStruct` has {len(s)} fields, expected 10 "
+                              f"(or 12/13 for TokyoTM).\n{PITTSBURGH_LAYOUT}")
+    which = which.item()
+    dataset = path.stem.removesuffix(f"_{which}")
+    db = DbStruct(which, dataset, _strings(db_names), np.asarray(utm_db, np.float64).T,
+                  _strings(q_names), np.asarray(utm_q, np.float64).T,
+                  int(num_db.item()), int(num_q.item()),
+                  thr.item(), sq_thr.item(), non_triv.item(), db_time, q_time)
+    _check_counts(db, path)
+    return db
+
+
+def _check_counts(db, source):
+    """Raise unless names, positions, timestamps and counts agree."""
+    db_sizes = {len(db.dbImage), len(db.utmDb), db.numDb}
+    q_sizes = {len(db.qImage), len(db.utmQ), db.numQ}
+    if db.dbTimeStamp is not None:
+        db_sizes.add(len(db.dbTimeStamp))
+        q_sizes.add(len(db.qTimeStamp))
+    shapes_ok = db.utmDb.shape[1:] == (2,) and db.utmQ.shape[1:] == (2,)
+    if len(db_sizes) > 1 or len(q_sizes) > 1 or not shapes_ok:
+        raise DataLayoutError(
+            f"{source}: sizes disagree: {len(db.dbImage)} dbImage, utmDb {db.utmDb.shape}, "
+            f"numDb {db.numDb}; {len(db.qImage)} qImage, utmQ {db.utmQ.shape}, numQ {db.numQ} "
+            f"(utm is stored 2 x N).\n{PITTSBURGH_LAYOUT}")
+
+
+def _cell(names):
+    """A list of str as an N x 1 MATLAB cell."""
+    cell = np.empty((len(names), 1), dtype=object)
+    cell[:, 0] = list(names)
+    return cell
+
+
+def save_db_struct(db, path, float_counts=False):
+    """Write `db` as a `.mat` file whose `dbStruct` reads back like the authors' files.
+
+    Args:
+        db: a `DbStruct`; with timestamps it is written in the TokyoTM layout (12 fields).
+        float_counts: store counts and thresholds as doubles, as some released files do.
+    """
+    number = float if float_counts else int
+    fields = {
+        "whichSet": db.whichSet,
+        "dbImageFns": _cell(db.dbImage),
+        "utmDb": np.asarray(db.utmDb, np.float64).T,  # 2 x N, as in the files
+        "dbTimeStamp": db.dbTimeStamp,
+        "qImageFns": _cell(db.qImage),
+        "utmQ": np.asarray(db.utmQ, np.float64).T,
+        "qTimeStamp": db.qTimeStamp,
+        "numImages": number(db.numDb),
+        "numQueries": number(db.numQ),
+        "posDistThr": number(db.posDistThr),
+        "posDistSqThr": number(db.posDistSqThr),
+        "nonTrivPosDistSqThr": number(db.nonTrivPosDistSqThr),
+    }
+    names = MAT_FIELDS if db.dbTimeStamp is None else MAT_FIELDS_TM
+    struct = {k: np.asarray(fields[k])[None] if k.endswith("TimeStamp") else fields[k]
+              for k in names}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    savemat(path, {"dbStruct": struct})
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Ground truth from positions: positives and negatives
+# ---------------------------------------------------------------------------------------------
+
+
+def positives_within(db, radius, different_time=False):
+    """For each query, the database indices within `radius` metres, nearest first.
+
+    Ties are broken by index. With `different_time` (TokyoTM), database images taken at the
+    query's own timestamp are left out.
+
+    Returns:
+        a list of `numQ` int64 arrays.
+    """
+    tree = cKDTree(db.utmDb)
+    positives = []
+    for q, center in enumerate(db.utmQ):
+        idx = np.asarray(tree.query_ball_point(center, radius), dtype=np.int64)
+        if different_time:
+            idx = idx[db.dbTimeStamp[idx] != db.qTimeStamp[q]]
+        dist = np.linalg.norm(db.utmDb[idx] - center, axis=1)
+        positives.append(idx[np.lexsort((idx, dist))])
+    return positives
+
+
+def eval_positives(db):
+    """Evaluation positives: within `posDistThr` (25 m)."""
+    return positives_within(db, db.posDistThr)
+
+
+def train_positives(db):
+    """Training ("non-trivial") positives: within sqrt(`nonTrivPosDistSqThr`) (10 m).
+
+    For TokyoTM they must also have a different timestamp than the query.
+    """
+    return positives_within(db, db.nonTrivPosDistSqThr ** 0.5,
+                            different_time=db.dbTimeStamp is not None)
+
+
+class NegativeSampler:
+    """Draws potential negatives of a query: database images farther than `posDistThr`.
+
+    Rejection sampling: draw database indices uniformly, keep those whose distance to the query
+    (computed directly) exceeds the threshold, drop repeats. The kept ones are a uniform sample
+    without replacement of the query's negatives, and no list of negatives is ever stored: the
+    memory is one k-d tree over the database positions (a few MB at Pitts250k scale).
+    """
+
+    def __init__(self, db):
+        self.utm_db = np.asarray(db.utmDb, np.float64)
+        self.utm_q = np.asarray(db.utmQ, np.float64)
+        self.radius = float(db.posDistThr)
+        self.tree = cKDTree(self.utm_db)
+
+    def num_negatives(self, query_index):
+        """How many database images lie farther than `posDistThr` from the query."""
+        near = self.tree.query_ball_point(self.utm_q[query_index], self.radius,
+                                          return_length=True)
+        return len(self.utm_db) - int(near)
+
+    def is_negative(self, query_index, db_indices):
+        """Boolean mask: which of `db_indices` are farther than `posDistThr` from the query."""
+        dist = np.linalg.norm(self.utm_db[db_indices] - self.utm_q[query_index], axis=1)
+        return dist > self.radius
+
+    def sample(self, query_index, n, rng):
+        """`n` distinct negatives of the query, drawn uniformly; int64 array.
+
+        Args:
+            rng: a `np.random.Generator`.
+        """
+        num_db, num_neg = len(self.utm_db), self.num_negatives(query_index)
+        if 2 * n > num_neg:
+            # Few negatives: rejection would mostly draw repeats. Take this query's negatives
+            # directly (computed now, not stored).
+            negatives = np.flatnonzero(self.is_negative(query_index, np.arange(num_db)))
+            if len(negatives) < n:
+                raise ValueError(f"query {query_index} has only {len(negatives)} database "
+                                 f"images beyond {self.radius:g} m, {n} negatives asked for")
+            return rng.choice(negatives, size=n, replace=False)
+        picked = np.empty(0, dtype=np.int64)
+        while len(picked) < n:
+            missing = n - len(picked)
+            draws = rng.integers(0, num_db, size=2 * missing * num_db // num_neg + 8)
+            picked = np.concatenate([picked, draws[self.is_negative(query_index, draws)]])
+            _, first = np.unique(picked, return_index=True)
+            picked = picked[np.sort(first)]  # repeats dropped, order of drawing kept
+        return picked[:n]
+
+
+# ---------------------------------------------------------------------------------------------
+# Images and torch datasets
+# ---------------------------------------------------------------------------------------------
+
+
+def input_transform(resize=None):
+    """PIL image -> normalized tensor (ImageNet mean/std), optionally resized to (H, W)."""
+    steps = [transforms.Resize(tuple(resize))] if resize is not None else []
+    return transforms.Compose(steps + [transforms.ToTensor(),
+                                       transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def load_image(path):
+    """Open an image file as RGB; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} not found (database names are relative to the "
+                                f"dataset root, query names to ROOT/{QUERIES_DIR})")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as err:
+        raise DataLayoutError(f"image {path} cannot be read: {err}") from err
+
+
+def _check_root(root, queries_dir):
+    """Raise unless `root` and its query folder exist."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset root {root} does not exist.\n{PITTSBURGH_LAYOUT}")
+    if not (root / queries_dir).is_dir():
+        raise FileNotFoundError(f"query folder {root / queries_dir} does not exist.\n"
+                                f"{PITTSBURGH_LAYOUT}")
+    return root
+
+
+class WholeDataset(Dataset):
+    """Every image of a split, database first, then queries: item i is `(image, i)`.
+
+    Database image i is `root/dbImage[i]`; query j is item `numDb + j`, read from
+    `root/queries_dir/qImage[j]`.
+
+    Args:
+        transform: PIL image -> tensor; default `input_transform()`.
+    """
+
+    def __init__(self, root, db, transform=None, queries_dir=QUERIES_DIR):
+        self.root, self.db = _check_root(root, queries_dir), db
+        self.transform = transform if transform is not None else input_transform()
+        self.paths = ([self.root / name for name in db.dbImage]
+                      + [self.root / queries_dir / name for name in db.qImage])
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.transform(load_image(self.paths[i])), i
+
+
+class QueryDataset(Dataset):
+    """The training queries (those with a training positive): item i is `(image, query index)`.
+
+    Attributes:
+        queries: (M,) int64 query indices in use.
+        positives: training positives of every query (`train_positives(db)`).
+    """
+
+    def __init__(self, root, db, transform=None, queries_dir=QUERIES_DIR):
+        self.root, self.db = _check_root(root, queries_dir), db
+        self.transform = transform if transform is not None else input_transform()
+        self.queries_dir = queries_dir
+        self.positives = train_positives(db)
+        self.queries = np.array([q for q, pos in enumerate(self.positives) if len(pos)],
+                                dtype=np.int64)
+
+    def __len__(self):
+        return len(self.queries)
+
+    def __getitem__(self, i):
+        q = int(self.queries[i])
+        path = self.root / self.queries_dir / self.db.qImage[q]
+        return self.transform(load_image(path)), q
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding a split on disk: Pittsburgh layout or VPR-benchmark folders
+# ---------------------------------------------------------------------------------------------
+
+
+def _utm_from_name(path):
+    """(easting, northing) from a VPR-benchmark name `@easting@northing@...@.jpg`."""
+    fields = path.name.split("@")
+    try:
+        return float(fields[1]), float(fields[2])
+    except (IndexError, ValueError):
+        raise DataLayoutError(f"{path}: cannot read UTM easting/northing from the name.\n"
+                              f"{FOLDER_LAYOUT}") from None
+
+
+def _images_in(folder):
+    """Image files under `folder`, sorted, as paths."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def parse_folder_dataset(folder, pos_dist_thr=25, non_triv_sq=100):
+    """A `DbStruct` from a VPR-benchmark folder (`database/` and `queries/` of named images).
+
+    dbImage names are relative to `folder` ("database/@...@.jpg") and qImage names to
+    `folder/queries`, so `Split(db, folder, "queries")` loads it.
+    """
+    folder = Path(folder)
+    db_dir, q_dir = folder / "database", folder / "queries"
+    for d in (db_dir, q_dir):
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d} does not exist.\n{FOLDER_LAYOUT}")
+    db_files, q_files = _images_in(db_dir), _images_in(q_dir)
+    if not db_files or not q_files:
+        empty = db_dir if not db_files else q_dir
+        raise DataLayoutError(f"{empty} holds no images.\n{FOLDER_LAYOUT}")
+    utm_db = np.array([_utm_from_name(p) for p in db_files], dtype=np.float64)
+    utm_q = np.array([_utm_from_name(p) for p in q_files], dtype=np.float64)
+    return DbStruct(folder.name, folder.parent.name,
+                    [p.relative_to(folder).as_posix() for p in db_files], utm_db,
+                    [p.relative_to(q_dir).as_posix() for p in q_files], utm_q,
+                    len(db_files), len(q_files), pos_dist_thr, pos_dist_thr ** 2, non_triv_sq)
+
+
+def load_split(root, split, name=None):
+    """Find and read `split` under `root`, in either layout.
+
+    Pittsburgh: `root/netvlad_v100_datasets/datasets/*_{split}.mat` (`name`, e.g. "pitts30k",
+    picks one if there are several). Folders: `root/{split}/database` + `root/{split}/queries`,
+    or `root/database` + `root/queries`.
+    """
+    root = Path(root)
+    mats = sorted((root / DATASETS_DIR).glob(f"*_{split}.mat"))
+    if name is not None:
+        mats = [m for m in mats if m.name == f"{name}_{split}.mat"]
+    if len(mats) == 1:
+        return Split(parse_db_struct(mats[0]), root, QUERIES_DIR)
+    if len(mats) > 1:
+        choices = [m.name.removesuffix(f"_{split}.mat") for m in mats]
+        raise DataLayoutError(f"several '{split}' files in {root / DATASETS_DIR}: "
+                              f"{[m.name for m in mats]}; pick one with name= (one of {choices})")
+    for folder in (root / split, root):
+        if (folder / "database").is_dir():
+            db = parse_folder_dataset(folder)
+            return Split(db._replace(whichSet=split), folder, "queries")
+    wanted = struct_path(root, name or "NAME", split)
+    raise FileNotFoundError(f"no '{split}' split under {root}: neither {wanted} nor "
+                            f"{root / split / 'database'} exists.\n{PITTSBURGH_LAYOUT}\n"
+                            f"{FOLDER_LAYOUT}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking a dataset on disk (`python -m netvlad_tutorial check-data`)
+# ---------------------------------------------------------------------------------------------
+
+
+def _summary(counts):
+    """min / median / max of a list of counts."""
+    counts = np.asarray(counts)
+    return {"min": int(counts.min()), "median": float(np.median(counts)),
+            "max": int(counts.max())}
+
+
+def _check_images(paths, desc, decode):
+    """(path, problem) for each image that is missing or does not open."""
+    problems = []
+    for path in tqdm(paths, desc=desc, unit="img"):
+        try:
+            with Image.open(path) as img:
+                if decode:
+                    img.load()
+                else:
+                    img.verify()
+        except FileNotFoundError:
+            problems.append((path, "missing"))
+        except (OSError, SyntaxError, ValueError) as err:
+            problems.append((path, f"corrupt ({err})"))
+    return problems
+
+
+def check_split(split, decode=False):
+    """Check one split: every image opens; counts and positives per query as a dict.
+
+    Args:
+        decode: decode every image fully (slow) instead of PIL's quick `verify()`.
+    """
+    db, root = split.db, Path(split.root)
+    _check_root(root, split.queries_dir)
+    name = f"{db.dataset}_{db.whichSet}"
+    paths = ([root / n for n in db.dbImage]
+             + [root / split.queries_dir / n for n in db.qImage])
+    problems = _check_images(paths, f"checking {name}", decode)
+    if problems:
+        lines = "\n".join(f"  {p}: {why}" for p, why in problems[:10])
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise DataLayoutError(f"{len(problems)} of {len(paths)} images of {name} are missing "
+                              f"or unreadable:\n{lines}{more}\n{PITTSBURGH_LAYOUT}")
+    eval_counts = [len(p) for p in eval_positives(db)]
+    train_counts = [len(p) for p in train_positives(db)]
+    return {
+        "name": name, "root": str(root), "num_db": db.numDb, "num_q": db.numQ,
+        "images_checked": len(paths),
+        "eval_positives": _summary(eval_counts), "train_positives": _summary(train_counts),
+        "queries_without_eval_positives": int(np.sum(np.equal(eval_counts, 0))),
+        "queries_without_train_positives": int(np.sum(np.equal(train_counts, 0))),
+    }
+
+
+def check_data(root, struct_file=None, split=None, name=None, queries_dir=QUERIES_DIR,
+               decode=False):
+    """Check a dataset root: images, counts and positives, for one `.mat` file or every split.
+
+    Args:
+        struct_file: a `.mat` file (absolute, or relative to `root/netvlad_v100_datasets/
+            datasets`); else `split` ("train", "val", "test"); else every split found.
+        name: dataset name when several `.mat` files fit a split, e.g. "pitts30k".
+        queries_dir: query folder under `root`, for `struct_file`.
+
+    Returns:
+        {"root": str, "splits": [one dict per split, see `check_split`]}.
+
+    Raises:
+        FileNotFoundError, DataLayoutError: naming the files at fault and the layout expected.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset root {root} does not exist.\n{PITTSBURGH_LAYOUT}")
+    if struct_file is not None:
+        path = Path(struct_file)
+        if not path.is_absolute() and not path.exists():
+            path = root / DATASETS_DIR / path
+        splits = [Split(parse_db_struct(path), root, queries_dir)]
+    elif split is not None:
+        splits = [load_split(root, split, name)]
+    else:
+        splits = []
+        for s in SPLITS:
+            try:
+                splits.append(load_split(root, s, name))
+            except FileNotFoundError:
+                continue
+        if not splits:
+            raise FileNotFoundError(f"no split found under {root}.\n{PITTSBURGH_LAYOUT}\n"
+                                    f"{FOLDER_LAYOUT}")
+    return {"root": str(root), "splits": [check_split(s, decode) for s in splits]}
+
+
+def format_report(report):
+    """The `check_data` report as a small text table."""
+
+    def spread(s):
+        return f"{s['min']} / {s['median']:g} / {s['max']}"
+
+    lines = [f"data root: {report['root']}",
+             f"{'split':<22}{'db':>8}{'queries':>9}   {'eval positives':<16}"
+             f"{'train positives':<17}{'no train positive':>17}",
+             f"{'':<39}   (per query: min / median / max)"]
+    for r in report["splits"]:
+        lines.append(f"{r['name']:<22}{r['num_db']:>8,}{r['num_q']:>9,}   "
+                     f"{spread(r['eval_positives']):<16}{spread(r['train_positives']):<17}"
+                     f"{r['queries_without_train_positives']:>17,}")
+    total = sum(r["images_checked"] for r in report["splits"])
+    lines.append(f"all {total:,} images found and readable")
+    return "\n".join(lines)

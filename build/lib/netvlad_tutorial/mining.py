@@ -1,0 +1,186 @@
+"""Stage 4: hard-negative mining and the triplets it produces (the reference procedure).
+
+For a training query, from a descriptor cache of the training split:
+- the best positive is the training positive (within 10 m) nearest in descriptor space;
+- the negatives are taken among `n_neg_sample` sampled potential negatives (beyond 25 m) plus the
+  query's negatives of last time (the negative cache): of their `n_neg_dist` nearest, those with
+  `d_neg < d_pos + sqrt(margin)`, at most `n_neg`, nearest first;
+- a query without any such violating negative is skipped.
+"""
+
+from collections import namedtuple
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from .data import QUERIES_DIR, input_transform, load_image
+
+MinedTuple = namedtuple("MinedTuple",
+                        ["query", "positive", "negatives", "d_pos", "d_negs", "sampled"])
+MinedTuple.__doc__ = """A mined training tuple.
+
+query, positive: query index and database index of its best positive; negatives: (n,) database
+indices, nearest first (empty: the query is skipped); d_pos: float; d_negs: (n,) float32
+descriptor distances to the query; sampled: the database indices drawn by the negative sampler
+(before adding the cached negatives), for visualization."""
+
+
+class NegativeCache:
+    """The hard negatives chosen last time for each query: (numQ, n_neg) int64, -1 = empty."""
+
+    def __init__(self, num_queries, n_neg=10):
+        self.negatives = np.full((num_queries, n_neg), -1, dtype=np.int64)
+
+    def __getitem__(self, q):
+        """The cached negatives of query `q`, without padding."""
+        row = self.negatives[q]
+        return row[row >= 0]
+
+    def update(self, q, negatives):
+        """Replace the cached negatives of query `q` (at most `n_neg` of them)."""
+        self.negatives[q] = -1
+        self.negatives[q, :len(negatives)] = negatives
+
+    def state_dict(self):
+        """A copy of the cache as a plain numpy array, for checkpoints."""
+        return {"negatives": self.negatives.copy()}
+
+    def load_state_dict(self, state):
+        """Restore the cache from `state_dict()`."""
+        negatives = np.asarray(state["negatives"], dtype=np.int64)
+        if negatives.shape != self.negatives.shape:
+            raise ValueError(f"negative cache of shape {negatives.shape} does not fit "
+                             f"{self.negatives.shape} (numQ, n_neg)")
+        self.negatives = negatives.copy()
+
+
+def _float32(x, device):
+    """A descriptor array or row (numpy, memmap or tensor) as a float32 tensor on `device`."""
+    if not torch.is_tensor(x):
+        x = torch.from_numpy(np.require(x, dtype=np.float32, requirements="W"))
+    return x.to(device, torch.float32)
+
+
+def mine_tuple(q, q_desc_row, db_desc, train_pos_q, sampler, rng, neg_cache=None,
+               n_neg_sample=1000, n_neg_dist=100, n_neg=10, margin=0.1, device=None):
+    """The best positive and the hard negatives of training query `q` as a `MinedTuple`.
+
+    Pure: reads `neg_cache` but does not update it (`mine_triplets` does).
+
+    Args:
+        q: query index.
+        q_desc_row: (D,) cached descriptor of query `q`.
+        db_desc: (numDb, D) cached database descriptors (numpy, memmap or tensor).
+        train_pos_q: database indices of the training positives of `q` (at least one).
+        sampler: `data.NegativeSampler`, drawing database indices beyond 25 m.
+        rng: `np.random.Generator` given to the sampler.
+        neg_cache: `NegativeCache` or None.
+        margin: the loss margin; negatives must satisfy `d_neg < d_pos + sqrt(margin)`.
+        device: where to compute distances (default: `db_desc`'s device if a tensor, else CPU).
+    """
+    if device is None:
+        device = db_desc.device if torch.is_tensor(db_desc) else torch.device("cpu")
+    train_pos_q = np.asarray(train_pos_q, dtype=np.int64)
+    if len(train_pos_q) == 0:
+        raise ValueError(f"query {q} has no training positive (database image within 10 m)")
+    sampled = np.asarray(sampler.sample(q, n_neg_sample, rng), dtype=np.int64)
+    cached = neg_cache[q] if neg_cache is not None else np.empty(0, dtype=np.int64)
+    candidates = np.unique(np.concatenate([sampled, cached]))  # `candidates`: (C,) sorted
+    rows = _float32(db_desc[np.concatenate([train_pos_q, candidates])], device)  # (P + C, D)
+    dist = torch.linalg.vector_norm(rows - _float32(q_desc_row, device), dim=1)  # (P + C,)
+    d_pos_all, d_cand = dist[:len(train_pos_q)], dist[len(train_pos_q):]  # (P,), (C,)
+    best = d_pos_all.argmin()
+    d_near, near = d_cand.topk(min(n_neg_dist, len(candidates)), largest=False)  # nearest first
+    violating = d_near < d_pos_all[best] + margin ** 0.5
+    d_negs, chosen = d_near[violating][:n_neg], near[violating][:n_neg]  # (n,), (n,)
+    return MinedTuple(q, int(train_pos_q[best]), candidates[chosen.cpu().numpy()],
+                      float(d_pos_all[best]), d_negs.cpu().numpy(), sampled)
+
+
+def mine_triplets(queries, q_desc, db_desc, train_positives, sampler, rng, neg_cache,
+                  n_neg_sample=1000, n_neg_dist=100, n_neg=10, margin=0.1, device=None):
+    """Mine a tuple for each query of `queries`: (list of `MinedTuple`, number of skipped).
+
+    Skipped queries (no violating negative) are left out of the list; the negative cache of
+    every mined query is updated with its new negatives.
+
+    Args:
+        queries: query indices to mine.
+        q_desc: (numQ, D) cached query descriptors; `db_desc`: (numDb, D).
+        train_positives: per query index, its training positives (`data.train_positives`).
+        Others: as `mine_tuple`.
+    """
+    tuples, num_skipped = [], 0
+    for q in tqdm(queries, desc="Mining", unit="query"):
+        t = mine_tuple(int(q), q_desc[q], db_desc, train_positives[q], sampler, rng, neg_cache,
+                       n_neg_sample=n_neg_sample, n_neg_dist=n_neg_dist, n_neg=n_neg,
+                       margin=margin, device=device)
+        if len(t.negatives) == 0:
+            num_skipped += 1
+            continue
+        neg_cache.update(t.query, t.negatives)
+        tuples.append(t)
+    return tuples, num_skipped
+
+
+class TripletDataset(Dataset):
+    """The images of mined tuples: item i is `(query, positive, negatives (n, 3, H, W), i)`.
+
+    Database images are read from `root/<dbImage>`, queries from `root/<queries_dir>/<qImage>`
+    (the Pittsburgh layout; `data.load_split` gives `root` and `queries_dir`).
+    """
+
+    def __init__(self, root, db, tuples, transform=None, queries_dir=QUERIES_DIR):
+        self.root, self.db, self.tuples = Path(root), db, list(tuples)
+        self.transform = transform if transform is not None else input_transform()
+        self.queries_dir = queries_dir
+        if any(len(t.negatives) == 0 for t in self.tuples):
+            raise ValueError("every tuple needs at least one negative: leave skipped queries out")
+
+    def __len__(self):
+        return len(self.tuples)
+
+    def _load(self, path):
+        return self.transform(load_image(path))
+
+    def __getitem__(self, i):
+        t = self.tuples[i]
+        query = self._load(self.root / self.queries_dir / self.db.qImage[t.query])
+        positive = self._load(self.root / self.db.dbImage[t.positive])
+        negatives = torch.stack([self._load(self.root / self.db.dbImage[n])
+                                 for n in t.negatives])  # `negatives`: (n, 3, H, W)
+        return query, positive, negatives, i
+
+
+def collate_fn(batch):
+    """Batch `TripletDataset` items into (query, positive, negatives, neg_counts, indices).
+
+    query, positive: (B, 3, H, W); negatives: (sum(neg_counts), 3, H, W), grouped by tuple;
+    neg_counts: (B,) int64; indices: the list of the tuples' dataset indices.
+    """
+    query, positive, negatives, indices = zip(*batch)
+    neg_counts = torch.tensor([len(n) for n in negatives], dtype=torch.long)
+    return (torch.stack(query), torch.stack(positive), torch.cat(negatives), neg_counts,
+            list(indices))
+
+
+def triplet_loss(q, p, negs, neg_counts, margin=0.1 ** 0.5):
+    """The reference triplet loss of a batch of tuples, divided by the number of negatives.
+
+    Equal to `nn.TripletMarginLoss(margin=sqrt(0.1), p=2, reduction="sum")` summed over every
+    (query, positive, negative j) of the batch, divided by the total number of negatives
+    (Nanne/pytorch-NetVlad). The paper and the MATLAB code use squared distances instead:
+    sum_j max(0, ‖q − p‖² + 0.1 − ‖q − n_j‖²), with margin 0.1.
+
+    Args:
+        q, p: (B, D) query and positive descriptors.
+        negs: (N, D) negative descriptors, grouped by tuple.
+        neg_counts: (B,) negatives per tuple, summing to N (on the descriptors' device).
+    """
+    q = q.repeat_interleave(neg_counts, dim=0)  # `q`: (N, D)
+    p = p.repeat_interleave(neg_counts, dim=0)  # `p`: (N, D)
+    return F.triplet_margin_loss(q, p, negs, margin=margin, p=2, reduction="sum") / len(negs)

@@ -1,0 +1,417 @@
+"""Stage 2: the network. VGG16-conv5 encoder, NetVLAD pooling, k-means init, PCA whitening.
+
+Reads top to bottom like the course: encoder -> NetVLAD layer (a per-cluster loop, then the same
+thing as one matrix product) -> k-means initialization -> PCA whitening and the whole model.
+"""
+
+import hashlib
+import warnings
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.cluster import KMeans
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from torchvision.models import VGG16_Weights
+from torchvision.models.vgg import cfgs, make_layers
+from tqdm import tqdm
+
+from .utils import REPO_ROOT, atomic_save, autocast
+
+ENCODER_NAME = "vgg16_conv5"
+IMAGENET_URL = VGG16_Weights.IMAGENET1K_V1.url
+
+
+def _float32(x):
+    """A context with autocast off on `x`'s device: the code inside runs in float32."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder: VGG16 up to conv5_3
+# ---------------------------------------------------------------------------------------------
+
+
+def imagenet_weights_path():
+    """Where torchvision keeps its VGG16 ImageNet file: `<torch hub dir>/checkpoints/`."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(IMAGENET_URL).path).name
+
+
+def _vgg16_features():
+    """torchvision's `vgg16().features`, built without its 123M-parameter classifier."""
+    features = make_layers(cfgs["D"])
+    for m in features.modules():
+        if isinstance(m, nn.Conv2d):  # torchvision's VGG initialization
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    return features
+
+
+def _load_vgg_state(encoder, path):
+    """Copy the conv weights of a VGG16 state dict file (model or features) into `encoder`."""
+    layout = ("a VGG16 state dict with keys 'features.0.weight' ... (torchvision vgg16) "
+              "or '0.weight' ... '28.bias' (its features only)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read {path}: expected {layout} ({e})") from e
+    expected = encoder.state_dict().keys()
+    if isinstance(state, dict):
+        for prefix in ("features.", "encoder.", ""):
+            sub = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+            if expected <= sub.keys():
+                try:
+                    encoder.load_state_dict({k: sub[k] for k in expected})
+                except RuntimeError as e:
+                    raise ValueError(f"{path} does not fit VGG16: expected {layout} ({e})") from e
+                return
+    found = sorted(state)[:3] if isinstance(state, dict) else type(state).__name__
+    raise ValueError(f"{path} is not {layout}; found {found}")
+
+
+def build_encoder(weights=None, train_all=None):
+    """VGG16 up to conv5_3, before its ReLU and pool5: 512 channels at stride 16.
+
+    Args:
+        weights: None (random), "imagenet" (torchvision's file, used only if it is already on
+            this machine: nothing is downloaded) or the path of a local state dict.
+        train_all: train every layer. Default: with loaded weights only conv5_1..conv5_3 train
+            (as the reference); with random weights all layers train.
+
+    Returns:
+        `nn.Sequential` with `weights_source` ("random", "imagenet" or the file) and `name`.
+    """
+    encoder = _vgg16_features()[:-2]  # drop the last ReLU and pool5
+    source = "random"
+    if weights == "imagenet":
+        path = imagenet_weights_path()
+        if path.is_file():
+            _load_vgg_state(encoder, path)
+            source = "imagenet"
+        else:
+            warnings.warn(f"ImageNet weights for VGG16 not found at {path}; "
+                          "continuing with random initialization", stacklevel=2)
+    elif weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"encoder weights {path} not found (expected a VGG16 state "
+                                    "dict saved with torch.save)")
+        _load_vgg_state(encoder, path)
+        source = str(path)
+    if train_all is None:
+        train_all = source == "random"
+    encoder[:-5].requires_grad_(train_all)  # everything before conv5_1
+    encoder.weights_source, encoder.name = source, ENCODER_NAME
+    return encoder
+
+
+# ---------------------------------------------------------------------------------------------
+# NetVLAD layer
+# ---------------------------------------------------------------------------------------------
+
+
+def netvlad_loop(x, conv, centroids, normalize_input=True):
+    """NetVLAD written as a plain loop over clusters (the reference the layer is tested against).
+
+    Args:
+        x: local descriptors (B, D, H, W).
+        conv: the soft-assignment 1x1 convolution, D -> K channels.
+        centroids: (K, D).
+    """
+    if normalize_input:
+        x = F.normalize(x, dim=1)  # `x`: (B, D, H, W), unit length along D
+    a = F.softmax(conv(x), dim=1).flatten(2)  # `a`: (B, K, H*W), sums to 1 over K
+    x = x.flatten(2)  # `x`: (B, D, H*W)
+    vlad = []
+    for k in range(centroids.shape[0]):
+        residual = x - centroids[k][None, :, None]  # `residual`: (B, D, H*W)
+        vlad.append((a[:, k:k + 1] * residual).sum(2))  # (B, D)
+    vlad = torch.stack(vlad, dim=1)  # `vlad`: (B, K, D)
+    vlad = F.normalize(vlad, dim=2)  # intra-normalization
+    return F.normalize(vlad.flatten(1), dim=1)  # (B, K*D)
+
+
+def assignment_alpha(centroids, descriptors):
+    """The reference α = −ln(0.01) / mean(top1 − top2) of descriptor·centroid dot products.
+
+    At the mean gap, the second-nearest centroid gets 1/100 of the nearest one's weight.
+
+    Args:
+        centroids: (K, D), normalized here.
+        descriptors: (N, D) local descriptors (L2-normalized, as the layer sees them).
+    """
+    c = np.asarray(centroids, dtype=np.float64)
+    c = c / np.linalg.norm(c, axis=1, keepdims=True)  # `c`: (K, D)
+    dots = np.sort(np.asarray(descriptors, dtype=np.float64) @ c.T, axis=1)  # `dots`: (N, K)
+    return float(-np.log(0.01) / np.mean(dots[:, -1] - dots[:, -2]))
+
+
+class NetVLAD(nn.Module):
+    """NetVLAD pooling: soft-assigned residuals to K centroids, intra- then L2-normalized.
+
+    Args:
+        num_clusters: K, the number of centroids.
+        dim: D, the channels of the local descriptors.
+        alpha: sharpness of the soft-assignment to the initial (random) centroids; k-means
+            initialization (`init_params`) replaces both.
+        normalize_input: L2-normalize each local descriptor first (as the reference).
+        bias: give the assignment convolution a bias (the reference, NetVLAD v1, has none).
+    """
+
+    def __init__(self, num_clusters=64, dim=512, alpha=100.0, normalize_input=True, bias=False):
+        super().__init__()
+        self.num_clusters, self.dim, self.normalize_input = num_clusters, dim, normalize_input
+        self.conv = nn.Conv2d(dim, num_clusters, kernel_size=1, bias=bias)
+        self.centroids = nn.Parameter(torch.rand(num_clusters, dim))  # `centroids`: (K, D)
+        self.set_centroids(self.centroids.detach(), alpha)
+
+    def set_centroids(self, centroids, alpha):
+        """Set the centroids and the assignment weights α·(normalized centroid), bias 0."""
+        centroids = torch.as_tensor(centroids, dtype=torch.float32)  # `centroids`: (K, D)
+        if centroids.shape != self.centroids.shape:
+            raise ValueError(f"centroids of shape {tuple(centroids.shape)} given, this layer "
+                             f"expects (K, D) = {tuple(self.centroids.shape)}")
+        weight = alpha * F.normalize(centroids, dim=1)[:, :, None, None]  # (K, D, 1, 1)
+        with torch.no_grad():
+            self.centroids.copy_(centroids)
+            self.conv.weight.copy_(weight)
+            if self.conv.bias is not None:
+                self.conv.bias.zero_()
+        self.alpha = float(alpha)
+
+    def init_params(self, centroids, descriptors):
+        """Initialize from k-means `centroids` (K, D) and the `descriptors` (N, D) they fit."""
+        self.set_centroids(centroids, assignment_alpha(centroids, descriptors))
+
+    def _assign(self, x):
+        """`x` in float32, L2-normalized if `normalize_input`, and its soft-assignment."""
+        x = x.float()
+        if self.normalize_input:
+            x = F.normalize(x, dim=1)  # `x`: (B, D, H, W), unit length along D
+        return x, F.softmax(self.conv(x), dim=1)  # `a`: (B, K, H, W)
+
+    def soft_assign(self, x):
+        """Weight of each cluster at each position (B, K, H, W) of local descriptors `x`."""
+        with _float32(x):
+            return self._assign(x)[1]
+
+    def forward(self, x):
+        """VLAD vectors (B, K*D) of local descriptors `x` (B, D, H, W), computed in float32."""
+        with _float32(x):
+            x, a = self._assign(x)
+            x, a = x.flatten(2), a.flatten(2)  # `x`: (B, D, N), `a`: (B, K, N) with N = H*W
+            # sum_n a_kn (x_n - c_k) = sum_n a_kn x_n - (sum_n a_kn) c_k, for all k at once
+            vlad = a @ x.transpose(1, 2) - a.sum(2, keepdim=True) * self.centroids  # (B, K, D)
+            vlad = F.normalize(vlad, dim=2)  # intra-normalization
+            return F.normalize(vlad.flatten(1), dim=1)  # (B, K*D)
+
+
+# ---------------------------------------------------------------------------------------------
+# k-means initialization
+# ---------------------------------------------------------------------------------------------
+
+
+def _num_db(dataset):
+    """Number of database images: `dataset.db.numDb`, or the whole dataset without `.db`."""
+    db = getattr(dataset, "db", None)
+    return int(db.numDb) if db is not None else len(dataset)
+
+
+def sample_local_descriptors(encoder, dataset, num_images=500, per_image=100, batch_size=16,
+                             num_workers=0, device=None, amp=True, seed=0):
+    """Random L2-normalized local descriptors from database images, for k-means.
+
+    Reference: 100 random positions from each of 500 random database images.
+
+    Args:
+        encoder: images (B, 3, H, W) -> local descriptors (B, D, h, w).
+        dataset: items `(image, index)`; images `< dataset.db.numDb` are the database.
+        amp: bf16 autocast (and channels_last input) on `device`.
+
+    Returns:
+        float32 array (num_images * per_image, D), fewer if the images are fewer or smaller.
+    """
+    rng = np.random.default_rng(seed)
+    num_db = _num_db(dataset)
+    images = np.sort(rng.choice(num_db, min(num_images, num_db), replace=False))
+    loader = DataLoader(Subset(dataset, images.tolist()), batch_size=batch_size,
+                        num_workers=num_workers)
+    device = torch.device(device) if device is not None else next(encoder.parameters()).device
+    was_training = encoder.training
+    encoder.eval()
+    descs = []
+    with torch.no_grad():
+        for batch, _ in tqdm(loader, desc="Local descriptors for k-means", unit="batch"):
+            batch = batch.to(device)  # `batch`: (B, 3, H, W)
+            if amp:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            with autocast(device, amp):
+                x = encoder(batch)  # `x`: (B, D, h, w)
+            x = F.normalize(x.float(), dim=1).flatten(2).transpose(1, 2)  # `x`: (B, h*w, D)
+            for xi in x.cpu().numpy():  # `xi`: (h*w, D)
+                descs.append(xi[rng.choice(len(xi), min(per_image, len(xi)), replace=False)])
+    encoder.train(was_training)
+    return np.concatenate(descs).astype(np.float32)  # (N, D)
+
+
+def kmeans_centroids(descs, k=64, iters=100, seed=0):
+    """K-means centroids (K, D) float32 of `descs` (N, D): k-means++ then `iters` Lloyd steps."""
+    km = KMeans(n_clusters=k, n_init=1, max_iter=iters, tol=0.0, random_state=seed)
+    return km.fit(np.asarray(descs, dtype=np.float32)).cluster_centers_.astype(np.float32)
+
+
+def _weights_key(encoder):
+    """`<weights source>-<hash of the encoder's weights>` for cache file names."""
+    digest = hashlib.sha1()
+    for name, t in encoder.state_dict().items():
+        digest.update(name.encode())
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    source = getattr(encoder, "weights_source", "custom")
+    tag = Path(source).stem if source not in ("random", "imagenet") else source
+    return f"{tag}-{digest.hexdigest()[:10]}"
+
+
+def centroids_cache_path(model, dataset, num_images=500, per_image=100):
+    """Default cache file of `init_netvlad`: `data/cache/`, keyed by encoder, dataset and K."""
+    db = getattr(dataset, "db", None)
+    data = f"{db.dataset}_{db.whichSet}" if db is not None else type(dataset).__name__
+    name = (f"centroids_{getattr(model.encoder, 'name', 'encoder')}_{_weights_key(model.encoder)}"
+            f"_{data}{_num_db(dataset)}_K{model.pool.num_clusters}_{num_images}x{per_image}.pt")
+    return REPO_ROOT / "data" / "cache" / name
+
+
+def init_netvlad(model, dataset, cache_path=None, num_images=500, per_image=100, iters=100,
+                 seed=0, batch_size=16, num_workers=0, device=None, amp=True):
+    """Initialize `model.pool` by k-means on conv5 descriptors, cached in `cache_path`.
+
+    Loads the cache file when it exists, else samples descriptors, runs k-means, sets α and
+    saves the file. Without this step NetVLAD starts from random centroids (R@1 ≈ 0.4 in the
+    reference users' reports).
+
+    Args:
+        model: an `EmbedNet`.
+        dataset: items `(image, index)`, database first (e.g. the training `WholeDataset`).
+        cache_path: the file; default: `centroids_cache_path(model, dataset, ...)`.
+
+    Returns:
+        dict with `centroids` (K, D), `alpha`, `num_descriptors` and `path`.
+    """
+    if cache_path is None:
+        cache_path = centroids_cache_path(model, dataset, num_images, per_image)
+    cache_path = Path(cache_path)
+    if cache_path.exists():
+        init = torch.load(cache_path, map_location="cpu", weights_only=True)
+    else:
+        descs = sample_local_descriptors(model.encoder, dataset, num_images, per_image,
+                                         batch_size, num_workers, device, amp, seed)
+        centroids = kmeans_centroids(descs, model.pool.num_clusters, iters, seed)
+        init = {"centroids": torch.from_numpy(centroids),
+                "alpha": assignment_alpha(centroids, descs), "num_descriptors": len(descs)}
+        atomic_save(init, cache_path)
+    model.pool.set_centroids(init["centroids"], init["alpha"])
+    return {**init, "path": cache_path}
+
+
+# ---------------------------------------------------------------------------------------------
+# PCA whitening and the whole model
+# ---------------------------------------------------------------------------------------------
+
+
+class PCAWhitening(nn.Module):
+    """PCA projection with whitening as a linear layer `W v + b`, then L2-normalization."""
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        self.in_dim, self.out_dim = in_dim, out_dim
+        self.linear = nn.Linear(in_dim, out_dim)
+        self.linear.requires_grad_(False)  # fitted by `fit_pca_whitening`, not trained
+
+    def forward(self, v):
+        """Whitened unit descriptors (B, out_dim) of `v` (B, in_dim), computed in float32."""
+        with _float32(v):
+            return F.normalize(self.linear(v.float()), dim=1)  # (B, out_dim)
+
+
+def fit_pca_whitening(descs, out_dim, eps=1e-9):
+    """PCA whitening fitted on descriptors `descs` (N, D), as in Relja's NetVLAD (`addPCA`).
+
+    W = diag(1 / sqrt(λ + eps)) Uᵀ and b = −W·mean, with U the top `out_dim` eigenvectors of
+    the covariance and λ their eigenvalues, computed in float64. With N < D the eigenvectors
+    come from the N×N Gram matrix instead of the D×D covariance.
+
+    Args:
+        descs: (N, D) array or tensor (reference: up to 10,000 database descriptors).
+        out_dim: at most min(N − 1, D): centered, N descriptors span N − 1 dimensions.
+    """
+    X = torch.as_tensor(np.asarray(descs)).to(torch.float64, copy=True)  # `X`: (N, D)
+    n, d = X.shape
+    if not 1 <= out_dim <= min(n - 1, d):
+        raise ValueError(f"out_dim={out_dim} must be between 1 and min(N - 1, D) = "
+                         f"{min(n - 1, d)} for {n} descriptors of dimension {d}")
+    mean = X.mean(0)  # `mean`: (D,)
+    X -= mean
+    if n < d:
+        lam, V = torch.linalg.eigh(X @ X.T / (n - 1))  # `V`: (N, N), λ ascending
+        lam, V = lam.flip(0)[:out_dim], V.flip(1)[:, :out_dim]  # `V`: (N, out_dim)
+        U = X.T @ V / torch.sqrt(lam * (n - 1))  # `U`: (D, out_dim), unit columns
+    else:
+        lam, U = torch.linalg.eigh(X.T @ X / (n - 1))  # `U`: (D, D)
+        lam, U = lam.flip(0)[:out_dim], U.flip(1)[:, :out_dim]  # `U`: (D, out_dim)
+    W = U.T / torch.sqrt(lam + eps)[:, None]  # `W`: (out_dim, D)
+    pca = PCAWhitening(d, out_dim)
+    with torch.no_grad():
+        pca.linear.weight.copy_(W)
+        pca.linear.bias.copy_(-W @ mean)
+    return pca
+
+
+class EmbedNet(nn.Module):
+    """Images to global descriptors: encoder -> NetVLAD -> optional PCA whitening, unit norm."""
+
+    def __init__(self, encoder, pool, pca=None):
+        super().__init__()
+        self.encoder, self.pool, self.pca = encoder, pool, pca
+
+    @property
+    def out_dim(self):
+        """Length of the descriptors: K·D, or the PCA dimension."""
+        return self.pool.num_clusters * self.pool.dim if self.pca is None else self.pca.out_dim
+
+    def forward(self, images):
+        """Descriptors (B, out_dim) of `images` (B, 3, H, W)."""
+        x = self.encoder(images)  # `x`: (B, D, H/16, W/16)
+        v = self.pool(x)  # `v`: (B, K*D)
+        return v if self.pca is None else self.pca(v)  # (B, out_dim)
+
+
+def build_model(num_clusters=64, weights=None, pca_dim=None, train_all=None, alpha=100.0,
+                normalize_input=True, bias=False):
+    """VGG16-conv5 + NetVLAD (+ an unfitted PCA whitening layer if `pca_dim`).
+
+    Args are those of `build_encoder`, `NetVLAD` and `PCAWhitening`.
+    """
+    encoder = build_encoder(weights, train_all)
+    dim = encoder[-1].out_channels  # 512
+    pool = NetVLAD(num_clusters, dim, alpha, normalize_input, bias)
+    pca = PCAWhitening(num_clusters * dim, pca_dim) if pca_dim else None
+    return EmbedNet(encoder, pool, pca)
+
+
+def model_config(model):
+    """The architecture of an `EmbedNet` as a plain dict (stored in checkpoints, compared)."""
+    return {"encoder": getattr(model.encoder, "name", type(model.encoder).__name__),
+            "dim": model.pool.dim, "num_clusters": model.pool.num_clusters,
+            "normalize_input": model.pool.normalize_input,
+            "bias": model.pool.conv.bias is not None,
+            "pca_dim": None if model.pca is None else model.pca.out_dim}
+
+
+def prepare_for_device(model, device, fast=True):
+    """Move `model` to `device`; with `fast`, its encoder in channels_last (for bf16 autocast)."""
+    model.to(device)
+    if fast:
+        model.encoder.to(memory_format=torch.channels_last)
+    return model

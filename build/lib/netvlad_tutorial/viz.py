@@ -1,0 +1,496 @@
+"""Figures for the course: maps, image strips, curves, soft-assignment maps and diagrams.
+
+Every `plot_*` function returns a matplotlib `Figure` built without pyplot: nothing is shown
+twice in a notebook, nothing accumulates in pyplot's figure list, and any backend works (Agg
+included). Make the call the last expression of a cell (or `display(fig)`) to see it;
+`fig.savefig(path)` keeps it. Labels are in English (Korean fonts may be missing on a reader's
+machine); the notebooks explain in Korean.
+"""
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from matplotlib.figure import Figure
+from matplotlib.patches import Circle, FancyArrowPatch, FancyBboxPatch
+from matplotlib.ticker import MaxNLocator, NullFormatter
+from PIL import Image
+from sklearn.decomposition import PCA
+from sklearn.manifold import TSNE
+
+from .data import IMAGENET_MEAN, IMAGENET_STD
+
+FRAME_WIDTH = 4
+
+
+class NotebookFigure(Figure):
+    """A matplotlib `Figure` that Jupyter displays as a PNG, whatever the pyplot backend."""
+
+    def _repr_png_(self):
+        buffer = io.BytesIO()
+        self.savefig(buffer, format="png", bbox_inches="tight")
+        return buffer.getvalue()
+
+
+def _numpy(x):
+    """`x` (tensor, array or list) as a NumPy array."""
+    if torch.is_tensor(x):
+        return x.detach().float().cpu().numpy()
+    return np.asarray(x)
+
+
+def to_image(x):
+    """An (H, W, 3) float array in [0, 1] that `imshow` can draw.
+
+    Args:
+        x: a PIL image, an (H, W, 3) array (uint8, or float in [0, 1]), or a (3, H, W) tensor
+            normalized with the ImageNet mean and std (as `data.input_transform` makes it),
+            whose normalization is undone here.
+    """
+    if isinstance(x, Image.Image):
+        return np.asarray(x.convert("RGB"), dtype=np.float32) / 255
+    if torch.is_tensor(x):
+        if x.ndim != 3 or x.shape[0] != 3:
+            raise ValueError(f"expected a normalized (3, H, W) image tensor, got {tuple(x.shape)}")
+        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        x = x.detach().float().cpu() * std + mean  # `x`: (3, H, W) in [0, 1]
+        return x.clamp(0, 1).permute(1, 2, 0).numpy()
+    x = np.asarray(x)
+    if x.ndim != 3 or x.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) image array, got shape {x.shape}")
+    return x.astype(np.float32) / 255 if x.dtype == np.uint8 else x.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebook 01: positives and negatives on the map, memory
+# ---------------------------------------------------------------------------------------------
+
+def plot_query_map(utm_db, utm_q, query_index, positives=None, train_positives=None,
+                   negatives=None, radii=(10, 25), window=60, ax=None):
+    """A UTM map around one query: database points, rings, positives and negatives.
+
+    Coordinates are drawn in metres relative to the query (east, north).
+
+    Args:
+        utm_db: (N, 2) database UTM coordinates; utm_q: (M, 2) query coordinates.
+        query_index: which query to centre on.
+        positives: database indices of the evaluation positives (within `radii[1]`).
+        train_positives: database indices of the training positives (within `radii[0]`).
+        negatives: database indices of (a sample of) negatives (beyond `radii[1]`).
+        radii: the two circles to draw, in metres.
+        window: half-width of the map in metres.
+        ax: draw on this axes instead of a new figure.
+    """
+    if ax is None:
+        ax = NotebookFigure(figsize=(6, 6.8), layout="constrained").subplots()
+    utm_db, centre = np.asarray(utm_db, dtype=float), np.asarray(utm_q, dtype=float)[query_index]
+    xy = utm_db - centre  # `xy`: (N, 2) metres east/north of the query
+    near, far = radii
+    visible = np.abs(xy).max(axis=1) <= window
+    ax.scatter(*xy[visible].T, s=12, c="0.75", label="database image")
+    if positives is not None:
+        ax.scatter(*xy[positives].T, s=22, c="tab:orange",
+                   label=f"evaluation positive (≤ {far:g} m)")
+    if train_positives is not None:
+        ax.scatter(*xy[train_positives].T, s=22, c="tab:green",
+                   label=f"training positive (≤ {near:g} m)")
+    if negatives is not None:
+        ax.scatter(*xy[negatives].T, s=22, c="tab:red", marker="x",
+                   label=f"negative (sample, > {far:g} m)")
+    ax.scatter(0, 0, s=260, c="tab:blue", marker="*", edgecolors="black", zorder=3,
+               label="query")
+    for r in radii:
+        ax.add_patch(Circle((0, 0), r, fill=False, ls="--", lw=1.2, color="0.3"))
+        ax.text(0, r + 1, f"{r:g} m", ha="center", va="bottom", fontsize=9, color="0.3")
+    ax.set(xlim=(-window, window), ylim=(-window, window), aspect="equal",
+           xlabel="east of the query (m)", ylabel="north of the query (m)",
+           title=f"query {query_index}")
+    _map_legend(ax)
+    return ax.figure
+
+
+def _map_legend(ax):
+    """The legend of a query map, below it."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=2, fontsize=8,
+              frameon=False)
+
+
+def plot_seed_pitfall(utm_db, utm_q, query_index, negatives=None, radii=(10, 25), window=60):
+    """The seed's reading of the thresholds (left) next to the reference one (right).
+
+    The seed keeps only the 10–25 m ring as training positives (mask `d² > 100`) and drops the
+    nearest images; the reference trains on images within 10 m and evaluates within 25 m.
+    """
+    fig = NotebookFigure(figsize=(11, 6.4), layout="constrained")
+    seed_ax, ref_ax = fig.subplots(1, 2)
+    near, far = radii
+    xy = np.asarray(utm_db, dtype=float) - np.asarray(utm_q, dtype=float)[query_index]  # (N, 2)
+    dist = np.linalg.norm(xy, axis=1)  # (N,)
+    train = np.flatnonzero(dist <= near)
+    ring = np.flatnonzero((dist > near) & (dist <= far))
+
+    plot_query_map(utm_db, utm_q, query_index, positives=np.flatnonzero(dist <= far),
+                   train_positives=train, negatives=negatives, radii=radii, window=window,
+                   ax=ref_ax)
+    ref_ax.set_title(f"reference: train on ≤ {near:g} m, evaluate on ≤ {far:g} m")
+
+    plot_query_map(utm_db, utm_q, query_index, radii=radii, window=window, ax=seed_ax)
+    seed_ax.scatter(*xy[ring].T, s=22, c="tab:purple",
+                    label=f"seed's training positive ({near:g}–{far:g} m ring)")
+    seed_ax.scatter(*xy[train].T, s=30, c="black", marker="x",
+                    label=f"seed drops as 'trivial' (≤ {near:g} m)")
+    _map_legend(seed_ax)
+    seed_ax.set_title("seed's reading (wrong): only the ring is positive", color="tab:red")
+    return fig
+
+
+def plot_memory_comparison(labels, megabytes):
+    """Horizontal bars of memory use in MB (log scale), each labelled with its size."""
+    megabytes = np.asarray(megabytes, dtype=float)
+    fig = NotebookFigure(figsize=(7, 0.6 * len(labels) + 1.2), layout="constrained")
+    ax = fig.subplots()
+    bars = ax.barh(labels, megabytes, color="tab:blue")
+    ax.bar_label(bars, labels=[_format_mb(mb) for mb in megabytes], padding=4)
+    ax.set_xscale("log")
+    ax.set_xlim(megabytes.min() / 3, megabytes.max() * 8)
+    ax.invert_yaxis()
+    ax.set(xlabel="memory (MB, log scale)")
+    return fig
+
+
+def _format_mb(mb):
+    """`mb` megabytes as a short string: 5.5 GB, 12.3 MB, 640 KB."""
+    if mb >= 1000:
+        return f"{mb / 1000:.1f} GB"
+    return f"{mb:.1f} MB" if mb >= 1 else f"{mb * 1000:.0f} KB"
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebooks 01, 04, 06: image strips, training tuples, retrievals
+# ---------------------------------------------------------------------------------------------
+
+def show_images(images, titles=None, frames=None, ncols=6, size=2.4):
+    """A grid of images, optionally titled and framed ("green", "red" or None per image).
+
+    Args:
+        images: PIL images, (H, W, 3) arrays or normalized (3, H, W) tensors (see `to_image`).
+        ncols: images per row (at most); size: width of one image in inches.
+    """
+    images = [to_image(img) for img in images]
+    n = len(images)
+    titles = titles or [None] * n
+    frames = frames or [None] * n
+    ncols = min(ncols, n)
+    nrows = -(-n // ncols)
+    height, width = images[0].shape[:2]
+    title_room = 0.45 if any(titles) else 0.1
+    fig = NotebookFigure(figsize=(ncols * size, nrows * (size * height / width + title_room)),
+                 layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, img, title, frame in zip(axes, images, titles, frames):
+        ax.imshow(img)
+        ax.set(xticks=[], yticks=[])
+        for spine in ax.spines.values():
+            spine.set(visible=frame is not None, color=frame, linewidth=FRAME_WIDTH)
+        if title:
+            ax.set_title(title, fontsize=9)
+    for ax in axes[n:]:
+        ax.remove()
+    return fig
+
+
+def plot_tuple(query_img, positive_img, negative_imgs, d_pos, d_negs, ncols=6):
+    """A training tuple: query | best positive | hard negatives, with descriptor distances."""
+    titles = ["query", f"best positive\nd = {d_pos:.3f}"]
+    titles += [f"negative {i + 1}\nd = {d:.3f}" for i, d in enumerate(d_negs)]
+    frames = [None, "green"] + ["red"] * len(negative_imgs)
+    return show_images([query_img, positive_img, *negative_imgs], titles, frames, ncols=ncols)
+
+
+def plot_retrievals(query_imgs, retrieved_imgs, correct, distances=None, k=5):
+    """Rows of query | top-k database images, framed green (correct) or red (wrong).
+
+    Args:
+        query_imgs: Q images; retrieved_imgs: per query, its retrieved images, nearest first.
+        correct: (Q, >= k) booleans; distances: optional (Q, >= k) descriptor distances.
+    """
+    images, titles, frames = [], [], []
+    for i, query in enumerate(query_imgs):
+        images += [query, *retrieved_imgs[i][:k]]
+        titles.append("query")
+        frames.append(None)
+        for j in range(k):
+            titles.append(f"top-{j + 1}" + ("" if distances is None
+                                            else f"\nd = {distances[i][j]:.3f}"))
+            frames.append("green" if correct[i][j] else "red")
+    return show_images(images, titles, frames, ncols=k + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebooks 05, 06: curves
+# ---------------------------------------------------------------------------------------------
+
+def plot_recall_curves(curves, n_marks=(1, 5, 10, 20)):
+    """Recall@N against N (log scale) for each labelled curve, marked at `n_marks`.
+
+    Args:
+        curves: {label: (max_n,) array} with entry i = Recall@(i+1) as a fraction in [0, 1]
+            (as `evaluate.recall_curve` returns it).
+    """
+    fig = NotebookFigure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    max_n = max(len(c) for c in curves.values())
+    for label, curve in curves.items():
+        curve = 100 * _numpy(curve)
+        marks = [n for n in n_marks if n <= len(curve)]
+        summary = ", ".join(f"R@{n} {curve[n - 1]:.1f}" for n in marks)
+        (line,) = ax.plot(np.arange(1, len(curve) + 1), curve, label=f"{label} ({summary})")
+        ax.plot(marks, curve[np.array(marks) - 1], "o", color=line.get_color())
+    ax.set_xscale("log")
+    ticks = sorted({*n_marks, max_n})
+    ax.set_xticks(ticks, labels=[str(t) for t in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set(xlim=(1, max_n), ylim=(0, 100), xlabel="N (top-N retrieved)", ylabel="Recall@N (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=9)
+    return fig
+
+
+def plot_training_log(history):
+    """Training loss (left) and validation Recall@N (right) per epoch.
+
+    Args:
+        history: one dict per epoch with keys `epoch`, `loss` and `recall@N` (fractions),
+            as `train.train` returns it.
+    """
+    fig = NotebookFigure(figsize=(10, 3.8), layout="constrained")
+    loss_ax, recall_ax = fig.subplots(1, 2)
+    epochs = [row["epoch"] for row in history]
+    loss_ax.plot(epochs, [row["loss"] for row in history], "o-", color="tab:red")
+    loss_ax.set(xlabel="epoch", ylabel="loss", title="training loss")
+    recall_keys = sorted((k for k in history[0] if k.startswith("recall@")),
+                         key=lambda k: int(k.split("@")[1]))
+    for key in recall_keys:
+        recall_ax.plot(epochs, [100 * row[key] for row in history], "o-", label=f"R@{key[7:]}")
+    recall_ax.set(xlabel="epoch", ylabel="Recall@N (%)", title="validation recall")
+    recall_ax.legend(fontsize=9)
+    for ax in (loss_ax, recall_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebooks 02, 06: soft-assignment maps, descriptor scatter
+# ---------------------------------------------------------------------------------------------
+
+def plot_soft_assignment(image, assignment, clusters=None):
+    """Soft-assignment maps of a few clusters over the image, and the argmax cluster map.
+
+    Args:
+        image: the input image (see `to_image`).
+        assignment: (K, h, w) soft-assignment of the image's conv5 descriptors
+            (`NetVLAD.soft_assign(x)[0]`); each map is stretched over the whole image.
+        clusters: which clusters to draw (default: the 3 with the most total assignment).
+    """
+    image, assignment = to_image(image), _numpy(assignment)
+    if assignment.ndim != 3:
+        raise ValueError(f"expected a (K, h, w) soft-assignment, got shape {assignment.shape}")
+    if clusters is None:
+        clusters = np.argsort(-assignment.sum(axis=(1, 2)))[:3]
+    height, width = image.shape[:2]
+    extent = (0, width, height, 0)  # stretch the (h, w) maps over the (H, W) image
+    fig = NotebookFigure(figsize=(3.2 * (len(clusters) + 2), 3.2 * height / width + 0.6),
+                 layout="constrained")
+    axes = fig.subplots(1, len(clusters) + 2)
+    axes[0].imshow(image)
+    axes[0].set_title("image")
+    for ax, k in zip(axes[1:], clusters):
+        ax.imshow(image)
+        ax.imshow(assignment[k], extent=extent, cmap="magma", vmin=0, vmax=1, alpha=0.6,
+                  interpolation="bilinear")
+        ax.set_title(f"cluster {k}: a_k(x)")
+    axes[-1].imshow(image)
+    axes[-1].imshow(assignment.argmax(axis=0), extent=extent, cmap="tab20", alpha=0.55,
+                    interpolation="nearest")
+    axes[-1].set_title("argmax cluster")
+    for ax in axes:
+        ax.set_axis_off()
+    return fig
+
+
+def plot_descriptor_scatter(desc, labels, method="pca", seed=0):
+    """Descriptors projected to 2-D (PCA or t-SNE), one colour per place label.
+
+    Args:
+        desc: (N, D) descriptors; labels: (N,) place ids (e.g. the nearest query of each image).
+        method: "pca" or "tsne"; seed: the projection's `random_state`.
+    """
+    desc, labels = _numpy(desc).astype(np.float32), _numpy(labels)
+    names = {"pca": "PCA", "tsne": "t-SNE"}
+    if method == "pca":
+        xy = PCA(n_components=2, random_state=seed).fit_transform(desc)
+    elif method == "tsne":
+        perplexity = min(30.0, (len(desc) - 1) / 3)
+        xy = TSNE(n_components=2, perplexity=perplexity, init="pca",
+                  random_state=seed).fit_transform(desc)
+    else:
+        raise ValueError(f"method must be 'pca' or 'tsne', got {method!r}")
+    fig = NotebookFigure(figsize=(6, 5.2), layout="constrained")
+    ax = fig.subplots()
+    _, colour = np.unique(labels, return_inverse=True)  # `colour`: (N,) in 0..num_places-1
+    ax.scatter(*xy.T, c=colour % 20, cmap="tab20", vmin=0, vmax=19, s=18)
+    ax.set(xticks=[], yticks=[], title=f"{names[method]} of {len(desc)} descriptors, "
+           f"{colour.max() + 1} places (colour = place)")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebook 02: diagrams, written into figures/ by `make figures`
+# ---------------------------------------------------------------------------------------------
+
+def vgg16_shapes(image_size=(480, 640)):
+    """Output shape (C, H, W) of every conv and max-pool of torchvision's VGG16 `features`.
+
+    Runs the layers on a "meta" tensor (shapes only, no memory, no weights).
+
+    Returns:
+        list of (name, (C, H, W)) with names conv1_1 … conv5_3 and pool1 … pool5.
+    """
+    with torch.device("meta"):
+        features = torchvision.models.vgg16(weights=None).features
+        x = torch.empty(1, 3, *image_size)
+    shapes, block, conv = [], 1, 0
+    for layer in features:
+        x = layer(x)
+        if isinstance(layer, torch.nn.Conv2d):
+            conv += 1
+            shapes.append((f"conv{block}_{conv}", tuple(x.shape[1:])))
+        elif isinstance(layer, torch.nn.MaxPool2d):
+            shapes.append((f"pool{block}", tuple(x.shape[1:])))
+            block, conv = block + 1, 0
+    return shapes
+
+
+def _box(ax, x, y, w, h, color, text="", dashed=False):
+    """A rounded box centred at (x, y), with centred text."""
+    ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.02",
+                                fc=color, ec="0.25", lw=1.2, ls="--" if dashed else "-"))
+    ax.text(x, y, text, ha="center", va="center", fontsize=9)
+
+
+def _arrow(ax, start, end, color="0.25", **kwargs):
+    """An arrow from `start` to `end` (data coordinates)."""
+    ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=14, lw=1.4,
+                                 color=color, **kwargs))
+
+
+def _fmt_shape(shape):
+    """(C, H, W) as "C×H×W"."""
+    return "×".join(str(s) for s in shape)
+
+
+def plot_vgg_blocks(image_size=(480, 640)):
+    """VGG16's conv blocks with their output shapes, the NetVLAD cut at conv5_3, frozen parts.
+
+    Box heights follow the feature-map height (log scale), widths the channel count.
+    """
+    shapes = dict(vgg16_shapes(image_size))
+    frozen, trained, dropped = "#c6dbef", "#fdae6b", "0.9"
+    blocks = [("input", (3, *image_size), "white")]  # (name, (C, H, W) or None, colour)
+    for b in range(1, 5):
+        num_convs = sum(name.startswith(f"conv{b}_") for name in shapes)
+        blocks.append((f"conv{b}_1–{b}_{num_convs}", shapes[f"conv{b}_1"], frozen))
+    blocks += [(f"conv5_{i}", shapes[f"conv5_{i}"], trained) for i in (1, 2, 3)]
+    blocks += [("pool5", shapes["pool5"], dropped), ("FC6–FC8", None, dropped)]
+
+    fig = NotebookFigure(figsize=(14, 4.4), layout="constrained")
+    ax = fig.subplots()
+    x, centres, edges = 0.0, [], []
+    for name, shape, color in blocks:
+        w = 0.5 + 0.12 * np.log2(shape[0]) if shape else 1.2
+        h = 0.8 + 0.35 * np.log2(shape[1]) if shape else 1.6
+        x += w / 2
+        centres.append(x)
+        edges.append((x - w / 2, x + w / 2))
+        greyed = color == dropped
+        text_color = "0.55" if greyed else "black"
+        _box(ax, x, 0, w, h, color, dashed=greyed)
+        ax.text(x, h / 2 + 0.15, name, ha="center", va="bottom", fontsize=9, color=text_color)
+        caption = _fmt_shape(shape) if shape else "4096, 4096, 1000"
+        ax.text(x, -h / 2 - 0.15, caption, ha="center", va="top", fontsize=9, color=text_color)
+        x += w / 2 + 0.9
+    for i, ((_, a), (b, _)) in enumerate(zip(edges, edges[1:])):
+        _arrow(ax, (a, 0), (b, 0), color="0.6" if i >= 7 else "0.25")
+        if 1 <= i <= 4:  # the arrows leaving conv blocks 1-4 are pool1-pool4
+            ax.text((a + b) / 2, 0.1, "pool", ha="center", va="bottom", fontsize=8, color="0.4")
+
+    cut = (centres[7] + centres[8]) / 2
+    ax.axvline(cut, color="tab:red", ls="--", lw=1.5)
+    ax.text(cut, 2.7, "cut: features[:-2] (before ReLU and pool5)\n"
+            f"→ {_fmt_shape(shapes['conv5_3'])} local descriptors", ha="center", va="bottom",
+            fontsize=9, color="tab:red", bbox=dict(fc="white", ec="none"))
+    for first, last, label, color in [(1, 4, "frozen (ImageNet weights)", "#3182bd"),
+                                      (5, 7, "trained with NetVLAD", "#e6550d"),
+                                      (8, 9, "dropped", "0.55")]:
+        ax.annotate("", (centres[first] - 0.6, -2.75), (centres[last] + 0.6, -2.75),
+                    arrowprops=dict(arrowstyle="|-|", color=color))
+        ax.text((centres[first] + centres[last]) / 2, -2.85, label, ha="center", va="top",
+                color=color)
+    ax.set(xlim=(-0.2, x - 0.7), ylim=(-3.4, 3.6), aspect="equal",
+           title=f"torchvision VGG16 at {image_size[0]}×{image_size[1]}: output shapes C×H×W")
+    ax.set_axis_off()
+    return fig
+
+
+def plot_netvlad_pipeline(num_clusters=64, dim=512, pca_dim=4096, image_size=(480, 640)):
+    """The NetVLAD pipeline from an image to the global descriptor, with shapes."""
+    _, h, w = dict(vgg16_shapes(image_size))["conv5_3"]
+    k, d, full = num_clusters, dim, num_clusters * dim
+    steps = [
+        (f"image\n3×{image_size[0]}×{image_size[1]}", "white", False),
+        (f"VGG16 to conv5_3\n{d}×H×W\n({d}×{h}×{w})", "#c6dbef", False),
+        (f"soft-assignment\n1×1 conv + softmax\nK×H×W  (K={k})", "#fdae6b", False),
+        (f"residual sum\nK×D = {k}×{d}", "#fdae6b", False),
+        ("intra-norm\n(L2 per cluster)", "#fdae6b", False),
+        (f"L2-norm\n{full:,}-D", "#fdae6b", False),
+        (f"PCA-whitening\n(optional)\n{pca_dim:,}-D", "#c7e9c0", True),
+    ]
+    fig = NotebookFigure(figsize=(13.5, 3.6), layout="constrained")
+    ax = fig.subplots()
+    box_w, gap = 1.55, 0.45
+    xs = [i * (box_w + gap) for i in range(len(steps))]
+    for x, (text, color, dashed) in zip(xs, steps):
+        _box(ax, x, 0, box_w, 1.1, color, text, dashed=dashed)
+    for a, b in zip(xs, xs[1:]):
+        _arrow(ax, (a + box_w / 2, 0), (b - box_w / 2, 0))
+    _arrow(ax, (xs[1], 0.6), (xs[3], 0.6), connectionstyle="arc3,rad=-0.3")
+    ax.text(xs[2], 1.3, f"local descriptors $x_i$ (L2-normalized, D = {d})", ha="center",
+            fontsize=9)
+    ax.text(xs[3], -0.7, r"$V_k = \sum_i \bar{a}_k(x_i)\,(x_i - c_k)$", ha="center",
+            va="top", fontsize=10)
+    ax.annotate("", (xs[2] - box_w / 2, -1.25), (xs[5] + box_w / 2, -1.25),
+                arrowprops=dict(arrowstyle="|-|", color="#e6550d"))
+    ax.text((xs[2] + xs[5]) / 2, -1.35, "NetVLAD layer", ha="center", va="top",
+            color="#e6550d")
+    ax.set(xlim=(xs[0] - box_w / 2 - 0.1, xs[-1] + box_w / 2 + 0.1), ylim=(-1.75, 1.65),
+           aspect="equal")
+    ax.set_axis_off()
+    return fig
+
+
+def make_figures(out_dir="figures"):
+    """Write the figures that the notebooks' markdown refers to; return their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures = {"vgg16_conv5_cut.png": plot_vgg_blocks(),
+               "netvlad_pipeline.png": plot_netvlad_pipeline()}
+    paths = []
+    for name, fig in figures.items():
+        path = out_dir / name
+        fig.savefig(path, dpi=110, metadata={"Software": None})
+        paths.append(path)
+    return paths
