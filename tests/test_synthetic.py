@@ -56,7 +56,7 @@ def test_pittsburgh_layout(city):
     files = {p.relative_to(city).as_posix() for p in city.rglob("*") if p.is_file()}
     mats = {(DATASETS_DIR / f"synthetic_{s}.mat").as_posix() for s in SPLITS}
     assert mats <= files
-    named = set(mats)
+    named = set(mats) | {synthetic.STAMP_NAME}  # the .mat files, the stamp, the images
     for db in _structs(city):
         assert all(NAME.match(n) for n in db.dbImage + db.qImage)
         named |= set(db.dbImage) | {f"queries_real/{n}" for n in db.qImage}
@@ -71,7 +71,7 @@ def test_structs_sizes_and_thresholds(city):
         streets = preset.streets[split]
         assert db.whichSet == split and db.dataset == "synthetic"
         assert db.numDb == len(db.dbImage) == streets * preset.places_per_street * 4
-        assert db.numQ == len(db.qImage) == streets * preset.queries_per_street
+        assert db.numQ == len(db.qImage) == streets * preset.queries_per_street[split]
         assert (db.posDistThr, db.posDistSqThr, db.nonTrivPosDistSqThr) == (25, 625, 100)
         assert 584_000 < db.utmDb[:, 0].min() and db.utmDb[:, 1].max() < 4_480_000
         # Several views per place, all at the place's position.
@@ -169,3 +169,30 @@ def test_figures(city):
     assert sum(t.startswith("query") for t in titles) >= 2
     fig = plot_city_map([load_split(city, s).db for s in SPLITS])
     assert isinstance(fig, Figure) and len(fig.axes[0].collections) == 6
+
+
+def test_an_out_of_date_city_is_generated_again(micro_city, tmp_path, capsys):
+    from netvlad_tutorial.utils import ensure_synthetic_city
+
+    root = tmp_path / "city"
+    assert ensure_synthetic_city(root, preset="micro") == root
+    stamp = root / synthetic.STAMP_NAME
+    assert synthetic.city_is_current(root, preset="micro")
+    assert not synthetic.city_is_current(root, preset="micro", seed=1)
+    first = root / load_split(root, "train").db.dbImage[0]
+    before = first.read_bytes()
+    # Same settings: nothing happens. An older stamp: the city is generated again, identically.
+    stamp_time = stamp.stat().st_mtime_ns
+    ensure_synthetic_city(root, preset="micro")
+    assert stamp.stat().st_mtime_ns == stamp_time
+    stamp.write_text('{"preset": "micro", "streets": "from an older version"}')
+    first.write_bytes(b"stale")
+    ensure_synthetic_city(root, preset="micro")
+    assert "older version" in capsys.readouterr().out
+    assert synthetic.city_is_current(root, preset="micro") and first.read_bytes() == before
+    # A folder that is not a synthetic city is never deleted.
+    other = tmp_path / "mine"
+    (other / "photos").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="not a synthetic city"):
+        ensure_synthetic_city(other, preset="micro")
+    assert (other / "photos").is_dir()

@@ -1,6 +1,7 @@
 """Training: resume equality, checkpoints, the evaluate command's errors."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ def _micro_config(city):
     return tr.PRESETS["tiny"].replace(
         data_root=str(city), image_size=(32, 48), num_clusters=4, epochs=2, n_neg=2,
         n_neg_sample=20, n_neg_dist=10, cache_refresh=8, kmeans_images=20, kmeans_per_image=4,
-        kmeans_iters=10, amp=False, lr=1e-3, device="cpu")
+        kmeans_iters=10, amp=False, lr=1e-3, device="cpu", freeze_encoder=False)
 
 
 def test_resume_gives_the_same_final_weights(micro_city, tmp_path):
@@ -86,3 +87,29 @@ def test_pca_whitening_is_stored_in_the_checkpoint(micro_city, tmp_path):
     assert again == first
     torch.testing.assert_close(torch.load(ckpt_path, weights_only=False)["pca"]["state_dict"],
                                stored["state_dict"], rtol=0, atol=0)
+
+
+def test_freeze_encoder_trains_only_netvlad(micro_city, tmp_path):
+    config = _micro_config(micro_city).replace(epochs=1, freeze_encoder=True, lr=0.1)
+    tr.train(config, tmp_path)
+    trained = torch.load(tmp_path / "latest.pth", weights_only=False)["model"]
+    init = tr.make_model(config, tr.load_split(micro_city, "train"), torch.device("cpu"))
+    changed = {k for k, v in init.state_dict().items() if not torch.equal(v, trained[k])}
+    assert changed and all(k.startswith("pool.") for k in changed)
+    assert not any(p.requires_grad for p in init.encoder.parameters())
+
+
+def test_centroid_cache_key_follows_the_data(micro_city, tmp_path):
+    config = _micro_config(micro_city)
+    split = tr.load_split(micro_city, "train")
+    assert tr.centroids_path(config, split) == tr.centroids_path(config, split)
+    assert tr.centroids_path(config, split) != tr.centroids_path(config.replace(seed=1), split)
+    # The same path regenerated (a newer first image) must not reuse the old centroids.
+    first = micro_city / split.db.dbImage[0]
+    stat = first.stat()
+    try:
+        before = tr.centroids_path(config, split)
+        os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+        assert tr.centroids_path(config, split) != before
+    finally:
+        os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))
