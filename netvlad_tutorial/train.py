@@ -127,20 +127,28 @@ def cache_dir():
     return REPO_ROOT / "data" / "cache"
 
 
-def centroids_path(config, split):
-    """A cache file name for the k-means initialization, keyed by everything it depends on.
+def data_fingerprint(split):
+    """A short digest of a split's data: its image lists, positions and first images' bytes.
 
-    The key holds the database (names and positions) and the modification time of its first
-    image, so a city regenerated at the same path gets new centroids, not stale ones.
+    Changes when a synthetic city is regenerated with other settings, or a data root points at
+    other data; cheap (two small files are read).
     """
-    db = split.db
-    first = Path(split.root) / db.dbImage[0]
-    listing = hashlib.sha1("\n".join(db.dbImage).encode() + np.ascontiguousarray(
-        db.utmDb, dtype=np.float64).tobytes()).hexdigest()
-    key = json.dumps([str(Path(split.root).resolve()), db.dataset, config.image_size,
+    db, root = split.db, Path(split.root)
+    h = hashlib.sha1("\n".join([db.dataset, *db.dbImage, *db.qImage]).encode())
+    h.update(np.ascontiguousarray(db.utmDb, dtype=np.float64).tobytes())
+    h.update(np.ascontiguousarray(db.utmQ, dtype=np.float64).tobytes())
+    for path in (root / db.dbImage[0], root / split.queries_dir / db.qImage[0]):
+        h.update(path.read_bytes() if path.is_file() else b"missing")
+    return h.hexdigest()[:16]
+
+
+def centroids_path(config, split):
+    """A cache file name for the k-means initialization, keyed by everything it depends on,
+    the data included (`data_fingerprint`): a regenerated city gets new centroids."""
+    key = json.dumps([str(Path(split.root).resolve()), split.db.dataset, config.image_size,
                       config.weights, config.num_clusters, config.kmeans_images,
-                      config.kmeans_per_image, config.kmeans_iters, config.seed, listing,
-                      first.stat().st_mtime_ns if first.exists() else None])
+                      config.kmeans_per_image, config.kmeans_iters, config.seed,
+                      data_fingerprint(split)])
     digest = hashlib.sha1(key.encode()).hexdigest()[:10]
     name = f"centroids_vgg16_{config.weights or 'random'}_{split.db.dataset}"
     return cache_dir() / f"{name}_K{config.num_clusters}_{digest}.pt"
@@ -321,8 +329,9 @@ def _config_json(config):
     return json.loads(json.dumps(dataclasses.asdict(config)))  # tuples become lists
 
 
-def _check_run_config(run_dir, config):
-    """Refuse to mix runs: `run_dir` must hold no run, or one with this same configuration."""
+def _check_run_config(run_dir, config, train_split=None):
+    """Refuse to mix runs: `run_dir` must hold no run, or one with this same configuration
+    (and, given `train_split`, trained on the same data: see `data_fingerprint`)."""
     config_file = run_dir / "config.json"
     if not config_file.exists() or not (run_dir / "latest.pth").exists():
         return
@@ -331,6 +340,13 @@ def _check_run_config(run_dir, config):
         changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
         raise ValueError(f"{run_dir} holds a run with another configuration (changed: "
                          f"{', '.join(changed)}); use a new --out folder or delete {run_dir}")
+    data_file = run_dir / "data.json"
+    if train_split is not None and data_file.exists():
+        saved = json.loads(data_file.read_text()).get("train_fingerprint")
+        if saved != data_fingerprint(train_split):
+            raise ValueError(f"{run_dir} holds a run trained on other data than "
+                             f"{train_split.root} (was the city regenerated?); use a new --out "
+                             f"folder or delete {run_dir}")
 
 
 def train(config, run_dir, resume=False, stop_after=None):
@@ -347,10 +363,10 @@ def train(config, run_dir, resume=False, stop_after=None):
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _check_run_config(run_dir, config)
     device = resolve_device(config)
     train_split = load_split(config.data_root, "train", name=config.dataset)
     val_split = load_split(config.data_root, "val", name=config.dataset)
+    _check_run_config(run_dir, config, train_split)
 
     model = make_model(config, train_split, device)
     optimizer, scheduler = make_optimizer(config, model)
@@ -375,6 +391,8 @@ def train(config, run_dir, resume=False, stop_after=None):
         print(f"No {run_dir / 'latest.pth'} yet: starting from scratch")
 
     (run_dir / "config.json").write_text(json.dumps(_config_json(config), indent=1))
+    (run_dir / "data.json").write_text(json.dumps(
+        {"data_root": str(config.data_root), "train_fingerprint": data_fingerprint(train_split)}))
     epochs_run = 0
     for epoch in range(start_epoch, config.epochs):
         if epoch - best_epoch > config.patience and best_epoch >= 0:
@@ -419,11 +437,12 @@ def load_trained(config, run_dir, device=None):
         (model, history): the model with the best checkpoint's weights, and the epoch log.
     """
     run_dir = Path(run_dir)
-    _check_run_config(run_dir, config)
+    train_split = load_split(config.data_root, "train", name=config.dataset)
+    _check_run_config(run_dir, config, train_split)
     if not (run_dir / "finished").exists():
         train(config, run_dir, resume=True)
     device = torch.device(device) if device else resolve_device(config)
-    model = make_model(config, load_split(config.data_root, "train", name=config.dataset), device)
+    model = make_model(config, train_split, device)
     ckpt = load_checkpoint(run_dir / "best.pth", model_config(model))
     model.load_state_dict(ckpt["model"])
     return model, json.loads((run_dir / "log.json").read_text())

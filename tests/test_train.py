@@ -1,7 +1,7 @@
 """Training: resume equality, checkpoints, the evaluate command's errors."""
 
+import contextlib
 import json
-import os
 
 import numpy as np
 import pytest
@@ -104,12 +104,32 @@ def test_centroid_cache_key_follows_the_data(micro_city, tmp_path):
     split = tr.load_split(micro_city, "train")
     assert tr.centroids_path(config, split) == tr.centroids_path(config, split)
     assert tr.centroids_path(config, split) != tr.centroids_path(config.replace(seed=1), split)
-    # The same path regenerated (a newer first image) must not reuse the old centroids.
-    first = micro_city / split.db.dbImage[0]
-    stat = first.stat()
-    try:
-        before = tr.centroids_path(config, split)
-        os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    # The same path with other images (a regenerated city) must not reuse the old centroids.
+    before = tr.centroids_path(config, split)
+    with _changed_first_image(micro_city, split):
         assert tr.centroids_path(config, split) != before
+    assert tr.centroids_path(config, split) == before
+
+
+@contextlib.contextmanager
+def _changed_first_image(city, split):
+    """Temporarily replace the first database image by another one of the city."""
+    first = city / split.db.dbImage[0]
+    original = first.read_bytes()
+    first.write_bytes((city / split.db.dbImage[1]).read_bytes())
+    try:
+        yield
     finally:
-        os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        first.write_bytes(original)
+
+
+def test_a_run_on_other_data_is_refused(micro_city, tmp_path):
+    config = _micro_config(micro_city).replace(epochs=1)
+    tr.train(config, tmp_path)
+    assert tr.load_trained(config, tmp_path, device="cpu")[1][0]["epoch"] == 0
+    split = tr.load_split(micro_city, "train")
+    with _changed_first_image(micro_city, split):
+        with pytest.raises(ValueError, match="trained on other data"):
+            tr.load_trained(config, tmp_path, device="cpu")
+        with pytest.raises(ValueError, match="trained on other data"):
+            tr.train(config, tmp_path, resume=True)
