@@ -580,16 +580,18 @@ def make_synthetic_city(root, preset="tiny", seed=0, image_size=None):
 
 
 STAMP_NAME = "synthetic_city.json"
+GENERATOR_VERSION = 1  # raise it when a change to this file changes the images of a seed
 
 
 def city_stamp(preset="tiny", seed=0, image_size=None):
-    """What a city was generated from: preset name and sizes, seed and image size.
+    """What a city was generated from: generator version, preset, seed and image size.
 
     `make_synthetic_city` writes it to `ROOT/synthetic_city.json`; a city whose stamp differs
     (e.g. generated before the preset changed) is out of date.
     """
     config = PRESETS[preset]
-    return json.loads(json.dumps({"preset": preset, "seed": seed, **asdict(config),
+    return json.loads(json.dumps({"generator": GENERATOR_VERSION, "preset": preset,
+                                  "seed": seed, **asdict(config),
                                   "image_size": list(image_size or config.image_size)}))
 
 

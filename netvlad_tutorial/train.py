@@ -95,9 +95,8 @@ PRESETS = {
     "small": TrainConfig(
         dataset="synthetic", image_size=(120, 160), num_clusters=32, weights=None,
         freeze_encoder=True, lr=1e-2, lr_step=100, epochs=6, patience=6, batch_size=4, n_neg=6,
-        n_neg_sample=500,
-        n_neg_dist=100, cache_batch_size=32, num_workers=2, kmeans_images=200,
-        kmeans_per_image=50, pca_dim=128,
+        n_neg_sample=500, n_neg_dist=100, cache_batch_size=32, num_workers=2,
+        kmeans_images=200, kmeans_per_image=50, pca_dim=128,
     ),
     # The reference settings, for one GPU.
     "pitts30k": TrainConfig(dataset="pitts30k"),
