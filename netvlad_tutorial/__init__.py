@@ -15,7 +15,8 @@ from .utils import (
     default_data_root,
     ensure_synthetic_city,
     get_device,
-    load_or_compute,
+    load_torch_file,
+    resolve_precision,
     runs_dir,
     set_seed,
 )
@@ -28,7 +29,8 @@ __all__ = [
     "default_data_root",
     "ensure_synthetic_city",
     "get_device",
-    "load_or_compute",
+    "load_torch_file",
+    "resolve_precision",
     "runs_dir",
     "set_seed",
 ]

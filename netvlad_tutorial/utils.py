@@ -2,9 +2,11 @@
 
 import contextlib
 import os
+import pickle
 import random
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +28,100 @@ def get_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def amp_supported(device):
-    """Whether bf16 autocast is worth using on `device` (CUDA with bf16, or a CPU)."""
+PRECISION_ENV = "NETVLAD_PRECISION"
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def native_bf16(device):
+    """(bool, reason): whether `device` computes bf16 natively, so that bf16 is faster than fp32.
+
+    A CPU needs AMX or AVX512-BF16: without them oneDNN emulates bf16, and VGG16 runs several
+    times *slower* than in fp32 (`torch.ops.mkldnn._is_mkldnn_bf16_supported()` is True even
+    then, so it does not tell). A GPU needs `torch.cuda.is_bf16_supported()` (Ampere or later).
+    """
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu"
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return True, f"{torch.cuda.get_device_name(device)} has native bf16"
+        return False, "this GPU has no native bf16"
+    if device.type == "cpu":
+        amx = torch.cpu._is_amx_tile_supported()
+        avx512_bf16 = torch.cpu._is_avx512_bf16_supported()
+        if amx or avx512_bf16:
+            return True, f"this CPU has native bf16 ({'AMX' if amx else 'AVX512-BF16'})"
+        return False, "this CPU has no native bf16: no AMX, no AVX512-BF16"
+    return False, f"no bf16 autocast on {device.type}"
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How the encoder runs on a device: `name` ("fp32" or "bf16" autocast) and memory format.
+
+    The NetVLAD layer and the loss always compute in float32 (see `model.NetVLAD`).
+    """
+
+    name: str
+    channels_last: bool
+    reason: str
+
+    @property
+    def bf16(self):
+        return self.name == "bf16"
+
+    def autocast(self, device):
+        """bf16 autocast on `device`, or a no-op context for fp32."""
+        return autocast(device, self.bf16)
+
+    def images(self, images):
+        """`images` (B, 3, H, W) in the memory format of this precision."""
+        if self.channels_last and images.dim() == 4:
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def __str__(self):
+        return f"precision: {self.name}{' + channels_last' if self.channels_last else ''} " \
+               f"({self.reason})"
+
+
+_ANNOUNCED = set()
+
+
+def resolve_precision(requested="auto", device="cpu", verbose=True):
+    """The `Precision` to run with on `device`: "auto", "fp32" or "bf16".
+
+    "auto" (the default) takes `$NETVLAD_PRECISION` when it is set, else bf16 only where the
+    device computes it natively (`native_bf16`) and fp32 otherwise, so it never picks a path
+    slower than fp32. channels_last is used on CPU and CUDA, where it is the faster layout for
+    VGG16 in both precisions (measured: `benchmarks/README.md`). The choice is printed once per
+    process with its reason when `verbose`.
+    """
+    device = torch.device(device)
+    requested = requested or "auto"
+    if requested == "auto" and os.environ.get(PRECISION_ENV):
+        requested = os.environ[PRECISION_ENV].strip().lower()
+        source = f"${PRECISION_ENV}"
+    else:
+        source = None
+    if requested not in PRECISIONS:
+        raise ValueError(f"unknown precision {requested!r} (from {source or 'the setting'}); "
+                         f"choose one of {', '.join(PRECISIONS)}")
+    native, why = native_bf16(device)
+    if requested == "auto":
+        name, reason = ("bf16" if native else "fp32"), why
+    elif requested == "bf16":
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"bf16 autocast is not available on {device.type}; use fp32")
+        name = "bf16"
+        reason = f"forced by {source or 'the setting'}" + (
+            "" if native else f"; {why}, so bf16 is emulated and slower than fp32")
+    else:
+        name, reason = "fp32", f"forced by {source or 'the setting'}"
+    result = Precision(name, device.type in ("cpu", "cuda"), reason)
+    key = (device.type, str(result))
+    if verbose and key not in _ANNOUNCED:
+        _ANNOUNCED.add(key)
+        print(result)
+    return result
 
 
 def autocast(device, enabled=True):
@@ -57,14 +147,37 @@ def atomic_save(obj, path):
     return path
 
 
-def load_or_compute(path, compute_fn):
-    """Load `path` if it exists, else compute it with `compute_fn()`, save it and return it."""
+def _numpy_safe_globals():
+    """The numpy types that arrays and scalars in the project's own files need to unpickle."""
+    core = np._core if hasattr(np, "_core") else np.core
+    dtypes = [type(np.dtype(t)) for t in (np.bool_, np.uint8, np.int32, np.int64, np.uint32,
+                                            np.uint64, np.float16, np.float32, np.float64)]
+    return [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype, *dtypes]
+
+
+def load_torch_file(path, what="file", safe_globals=()):
+    """`torch.load(path, weights_only=True)` on the CPU: tensors, containers, numbers, strings
+    and numpy arrays, never code. Anything else in the file is refused with a clear error.
+
+    Args:
+        what: what the file should be, for the error messages ("checkpoint", ...).
+        safe_globals: further classes or functions to allow (e.g. a released format's types).
+    """
     path = Path(path)
-    if path.exists():
-        return torch.load(path, weights_only=False)
-    obj = compute_fn()
-    atomic_save(obj, path)
-    return obj
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found")
+    allowed = _numpy_safe_globals() + list(safe_globals)
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = [line.strip() for line in str(err).splitlines() if "unsupported" in line.lower()]
+        detail = f" ({found[0]})" if found else ""
+        raise ValueError(f"{path}: refused to load this {what}: it holds objects other than "
+                         f"tensors, numbers and arrays, which could run code{detail}") from err
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError) as err:
+        raise ValueError(f"{path} is not a readable {what} (empty, truncated or not written by "
+                         f"torch.save): {type(err).__name__}: {err}") from err
 
 
 def default_data_root():
