@@ -50,7 +50,7 @@ from .model import (
     netvlad_loop,
     prepare_for_device,
 )
-from .utils import REPO_ROOT, amp_supported, autocast
+from .utils import REPO_ROOT, autocast, native_bf16, resolve_precision
 
 PITTS250K_TRAIN = (91_464, 7_824)  # database images, queries
 VIEWS_PER_PLACE = 24  # pitch1/pitch2 x yaw1..12, all at the place's position
@@ -194,23 +194,26 @@ class LoopNetVLAD(nn.Module):
         return netvlad_loop(x, self.conv, self.centroids, self.normalize_input)
 
 
-def variant_settings(name, device, compile=None, gpu_decode=None):
+def variant_settings(name, device, compile=None, gpu_decode=None, precision="auto"):
     """The levers of the "reference" or "project" variant on `device` (a plain dict).
 
     Args:
         compile: `torch.compile` the project's encoder; default: on CUDA.
         gpu_decode: decode the project's JPEGs with nvjpeg on the GPU; default: on CUDA.
+        precision: the project's "auto", "fp32" or "bf16" (`utils.resolve_precision`).
     """
     cuda = torch.device(device).type == "cuda"
     if name == "reference":  # Nanne: fp32, NCHW, loop NetVLAD, PIL workers, .cpu() per batch
-        return {"amp": False, "channels_last": False, "pool": "loop", "decode": "pil",
-                "pin_memory": False, "cudnn_benchmark": False, "device_cache": False,
-                "compile": False}
+        return {"precision": "fp32", "amp": False, "channels_last": False, "pool": "loop",
+                "decode": "pil", "pin_memory": False, "cudnn_benchmark": False,
+                "device_cache": False, "compile": False}
     if name != "project":
         raise ValueError(f"unknown variant {name!r}; expected 'reference' or 'project'")
     compile = cuda and hasattr(torch, "compile") if compile is None else compile
     gpu_decode = cuda if gpu_decode is None else gpu_decode and cuda
-    return {"amp": amp_supported(device), "channels_last": True, "pool": "vectorized",
+    chosen = resolve_precision(precision, device, verbose=False)
+    return {"precision": chosen.name, "precision_reason": chosen.reason, "amp": chosen.bf16,
+            "channels_last": chosen.channels_last, "pool": "vectorized",
             "decode": "nvjpeg" if gpu_decode else "pil-uint8", "pin_memory": cuda,
             "cudnn_benchmark": cuda, "device_cache": True, "compile": bool(compile)}
 
@@ -636,8 +639,12 @@ def _versions(device):
 
 def bench_speed(device=None, image_size=None, num_images=None, batch_size=None,
                 train_steps=None, warmup_steps=1, compile=None, gpu_decode=None, num_workers=None,
-                image_dir=None, isolate=True, num_cosine=64, seed=0):
+                image_dir=None, isolate=True, num_cosine=64, seed=0, precision="auto"):
     """The reference and the project measured one after the other on the same images.
+
+    The project runs twice: in fp32 (`project_fp32`) and in the precision `precision` chooses
+    (`project`; "auto": bf16 only where the device computes it natively), so a CPU without
+    native bf16 shows that "auto" is no slower than fp32, and one with AMX shows the gain.
 
     Args:
         device: "cuda" or "cpu"; default: CUDA if available. `None` arguments take the
@@ -666,7 +673,9 @@ def bench_speed(device=None, image_size=None, num_images=None, batch_size=None,
     num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
     paths = bench_images(num_images, image_size, image_dir, seed)
     image_size = tuple(pil_to_tensor(load_image(paths[0])).shape[1:])
+    native, why = native_bf16(device)
     result = {"device": device.type, "device_name": device_name(device),
+              "native_bf16": native, "native_bf16_reason": why,
               "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), **_versions(device),
               "image_size": list(image_size), "num_images": num_images,
               "distinct_images": len(set(paths)), "batch_size": batch_size,
@@ -678,9 +687,12 @@ def bench_speed(device=None, image_size=None, num_images=None, batch_size=None,
         state_path = Path(workdir) / "state.pt"
         result["init"] = make_bench_state(paths, device, state_path, seed=seed)
         descs = {}
-        for name in ("reference", "project"):
+        variants = {"reference": ("reference", "fp32"), "project_fp32": ("project", "fp32"),
+                    "project": ("project", precision)}
+        for name, (kind, variant_precision) in variants.items():
             config = {"name": name, "device": str(device), "paths": [str(p) for p in paths],
-                      "settings": variant_settings(name, device, compile, gpu_decode),
+                      "settings": variant_settings(kind, device, compile, gpu_decode,
+                                                   variant_precision),
                       "state_path": str(state_path), "batch_size": batch_size,
                       "train_steps": train_steps, "warmup_steps": warmup_steps,
                       "num_workers": num_workers, "seed": seed,
@@ -697,15 +709,19 @@ def bench_speed(device=None, image_size=None, num_images=None, batch_size=None,
                 same_input = Path(config["same_input_path"])
                 descs[name + "_same_input"] = np.load(same_input if same_input.exists()
                                                       else config["desc_path"])
-    ref, proj = result["reference"], result["project"]
-    if "error" not in ref and "error" not in proj:
+    ref, proj, fp32 = result["reference"], result["project"], result["project_fp32"]
+    if not any("error" in r for r in (ref, proj, fp32)):
         # the same decoded pixels, then each variant's own whole pipeline (decoder included)
         result["cosine"] = _cosine(descs["reference"], descs["project_same_input"])
         result["cosine_end_to_end"] = _cosine(descs["reference"], descs["project"])
-        result["speedup"] = {
-            "cache": proj["cache_img_per_s"] / ref["cache_img_per_s"],
-            "train": proj["train_tuples_per_s"] / ref["train_tuples_per_s"],
-            "peak_mem_ratio": ref["peak_mem_mb"] / proj["peak_mem_mb"]}
+        for key, variant in (("speedup", proj), ("speedup_fp32", fp32)):
+            result[key] = {
+                "cache": variant["cache_img_per_s"] / ref["cache_img_per_s"],
+                "train": variant["train_tuples_per_s"] / ref["train_tuples_per_s"],
+                "peak_mem_ratio": ref["peak_mem_mb"] / variant["peak_mem_mb"]}
+        result["auto_vs_fp32"] = {
+            "cache": proj["cache_img_per_s"] / fp32["cache_img_per_s"],
+            "train": proj["train_tuples_per_s"] / fp32["train_tuples_per_s"]}
         result["targets"] = check_targets(result)
     return result
 
@@ -748,8 +764,9 @@ def format_speed(result):
     lines = [f"Speed on {result['device']} ({result['device_name']}), torch {result['torch']}: "
              f"{result['num_images']} images of {h}x{w}, batch {result['batch_size']}, "
              f"training {result['train_batch']}"]
-    ref, proj = result["reference"], result["project"]
-    for name, r in (("reference", ref), ("project", proj)):
+    lines.append(f"native bf16: {result['native_bf16']} ({result['native_bf16_reason']})")
+    ref, proj, fp32 = result["reference"], result["project"], result["project_fp32"]
+    for name, r in (("reference", ref), ("project_fp32", fp32), ("project", proj)):
         if "error" in r:
             lines.append(f"{name} FAILED:\n{r['error']}")
     if "speedup" not in result:
@@ -761,10 +778,16 @@ def format_speed(result):
     if result["device"] == "cuda":
         rows += [("  of which cache pass", "cache_peak_mem_mb", None, ".0f"),
                  ("  of which training", "train_peak_mem_mb", None, ".0f")]
-    lines.append(f"{'figure':<42}{'reference':>12}{'project':>12}{'project/ref':>13}")
+    auto = f"{proj['settings']['precision']} (auto)"
+    lines.append(f"{'figure':<36}{'reference':>11}{'fp32':>10}{auto:>13}{'fp32/ref':>10}"
+                 f"{'auto/ref':>10}")
+    fp32_speedups = {"cache_img_per_s": result["speedup_fp32"]["cache"],
+                     "train_tuples_per_s": result["speedup_fp32"]["train"]}
     for label, key, speedup, fmt in rows:
         ratio = f"{speedup:.2f}x" if speedup is not None else ""
-        lines.append(f"{label:<42}{ref[key]:>12{fmt}}{proj[key]:>12{fmt}}{ratio:>13}")
+        ratio32 = f"{fp32_speedups[key]:.2f}x" if key in fp32_speedups else ""
+        lines.append(f"{label:<36}{ref[key]:>11{fmt}}{fp32[key]:>10{fmt}}{proj[key]:>13{fmt}}"
+                     f"{ratio32:>10}{ratio:>10}")
     cos, s = result["cosine"], proj["settings"]
     lines.append(f"descriptor cosine, reference vs project ({cos['num_images']} images, same "
                  f"decoded pixels): mean {cos['mean']:.6f}, min {cos['min']:.6f}")
@@ -772,6 +795,7 @@ def format_speed(result):
     if s["decode"] == "nvjpeg":
         lines.append(f"  end to end, each variant's own JPEG decoder: mean {e2e['mean']:.6f}, "
                      f"min {e2e['min']:.6f}")
+    lines.append(f"project, auto: {s['precision']} ({s['precision_reason']})")
     lines.append(f"project: {'bf16 autocast, ' if s['amp'] else ''}channels_last, vectorized "
                  f"NetVLAD, decode {s['decode']}, compile "
                  f"{'on' if proj.get('compiled') else 'off'}"
@@ -794,11 +818,12 @@ def _run_speed(args):
                          train_steps=args.train_steps, warmup_steps=args.warmup_steps,
                          compile=args.compile,
                          gpu_decode=args.gpu_decode, num_workers=args.num_workers,
-                         image_dir=args.image_dir, isolate=not args.in_process, seed=args.seed)
+                         image_dir=args.image_dir, isolate=not args.in_process, seed=args.seed,
+                         precision=args.precision)
     if args.out is not None:
         result["saved_to"] = str(save_results(result, args.out))
     print(json.dumps(result) if args.json else format_speed(result))
-    if any("error" in result[name] for name in ("reference", "project")):
+    if any("error" in result[name] for name in ("reference", "project_fp32", "project")):
         raise SystemExit(1)
 
 
@@ -847,6 +872,9 @@ def build_parser():
     p.add_argument("--no-save", dest="out", action="store_const", const=None,
                    help="do not write a result file")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="the project variant's precision (an fp32 project variant always runs "
+                        "too); auto: bf16 only with native bf16")
     p.set_defaults(func=_run_speed)
     return parser
 

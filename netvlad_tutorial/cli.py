@@ -29,8 +29,8 @@ def _train(args):
         config = config.replace(dataset=args.name)
     overrides = {k: getattr(args, k) for k in ("epochs", "seed", "num_workers", "device")}
     config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
-    if args.fp32:
-        config = config.replace(amp=False)
+    if args.precision:
+        config = config.replace(precision=args.precision)
     train(config, args.out, resume=args.resume)
 
 
@@ -47,7 +47,7 @@ def _evaluate(args):
         pca_dim=args.pca_dim,
         name=args.name,
         device=args.device,
-        amp=not args.fp32,
+        precision=args.precision,
     )
     if args.json:
         print(json.dumps(result))
@@ -92,6 +92,15 @@ def _figures(args):
         print(path)
 
 
+def _add_precision(parser):
+    """`--precision auto|fp32|bf16`, and `--fp32` as its short form."""
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                        help="auto (default, or $NETVLAD_PRECISION): bf16 autocast only where "
+                             "the device has native bf16 (AMX/AVX512-BF16 CPU, Ampere+ GPU)")
+    parser.add_argument("--fp32", dest="precision", action="store_const", const="fp32",
+                        help="same as --precision fp32")
+
+
 def build_parser():
     """The argument parser with one sub-command per task."""
     parser = argparse.ArgumentParser(prog="python -m netvlad_tutorial", description=__doc__)
@@ -123,7 +132,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--device", default=None)
-    p.add_argument("--fp32", action="store_true", help="force fp32 (no bf16 autocast)")
+    _add_precision(p)
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="Recall@N of a checkpoint (or the untrained model)")
@@ -137,7 +146,7 @@ def build_parser():
     p.add_argument("--pca", action="store_true", help="apply (or fit) PCA whitening")
     p.add_argument("--pca-dim", type=int, default=None)
     p.add_argument("--device", default=None)
-    p.add_argument("--fp32", action="store_true")
+    _add_precision(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_evaluate)
 

@@ -1,18 +1,29 @@
-"""Stage 3 ("first run"): the descriptor of every image, computed once and stored compactly."""
+"""Stage 3 ("first run"): the descriptor of every image, computed once and stored compactly.
+
+Two caches live here:
+- `compute_descriptors`: the global descriptor (K*D, or the PCA dimension) of every image, the
+  cache that mining reads (stage 4) and that evaluation searches (stage 6);
+- `compute_local_features`: the encoder's conv5 output of every image. When the encoder is
+  frozen (the `tiny` preset trains only NetVLAD) this output never changes, so training runs
+  the encoder once per image and then only the NetVLAD layer on these features.
+"""
+
+import copy
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
 
-from .utils import amp_supported, autocast
+from .utils import Precision, resolve_precision
 
 DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
+IN_MEMORY_LIMIT_MB = 2048  # `storage="auto"`: larger caches go to a disk-backed array
 
 
 def cache_memory_mb(n, dim, dtype=np.float16):
-    """Size in MiB of an (n, dim) descriptor array of `dtype`."""
-    return n * dim * np.dtype(dtype).itemsize / 2**20
+    """Size in MiB of an (n, dim) descriptor array of `dtype` (`dim` may be a shape tuple)."""
+    return n * int(np.prod(dim)) * np.dtype(dtype).itemsize / 2**20
 
 
 def _num_rows(dataset):
@@ -27,29 +38,43 @@ def _model_device(model):
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
-def compute_descriptors(model, dataset, batch_size=24, num_workers=0, device=None, amp=None,
-                        dtype=np.float16, out_path=None, desc="Caching descriptors"):
-    """(N, out_dim) array of `model`'s descriptors of every image of `dataset`.
+def _as_precision(precision, device):
+    """A `Precision` from a `Precision`, a name ("auto", "fp32", "bf16") or None ("auto")."""
+    if isinstance(precision, Precision):
+        return precision
+    return resolve_precision(precision or "auto", device)
+
+
+def _new_array(shape, dtype, out_path):
+    """Zeros of `shape` in RAM, or a disk-backed `.npy` file at `out_path`."""
+    if out_path is None:
+        return np.zeros(shape, dtype)
+    return np.lib.format.open_memmap(out_path, mode="w+", dtype=dtype, shape=shape)
+
+
+def run_inference(model, dataset, batch_size=24, num_workers=0, device=None, precision=None,
+                  dtype=np.float16, out_path=None, label="Caching descriptors"):
+    """`model`'s output for every item of `dataset`, as an array; the one inference loop.
 
     Runs under `model.eval()` and `torch.no_grad()` (the model's train/eval mode is restored
-    afterwards). Each item of `dataset` is `(image, index)` and its descriptor is written at row
-    `index`, so a `Subset` of a dataset fills only its own rows of an array as long as the whole
-    dataset (the other rows stay zero).
+    afterwards), with the inputs in the precision's memory format and under its autocast.
+    Each item of `dataset` is `(input, index)` and its output is written at row `index`, so a
+    `Subset` fills only its own rows of an array as long as the whole dataset.
 
     Args:
-        model: maps images (B, 3, H, W) to descriptors (B, out_dim).
-        dataset: items `(image (3, H, W), index)`, e.g. `data.WholeDataset`.
+        model: maps inputs (B, ...) to outputs (B, ...), e.g. images to descriptors.
         device: where to run (the model is moved there); default: the model's device.
-        amp: bf16 autocast and channels_last input; default: where `utils.amp_supported`.
+        precision: a `utils.Precision`, "auto", "fp32" or "bf16"; default "auto".
         dtype: `np.float16` (default, half the memory) or `np.float32`; never float64.
         out_path: if given, a disk-backed `.npy` file (`np.lib.format.open_memmap`) holds the
-            result instead of RAM (Pitts250k: about 100k × 32,768, 6 GiB in float16).
+            result instead of RAM.
+        label: the progress bar's label.
     """
     dtype = np.dtype(dtype)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be float16 or float32, got {dtype}")
     device = torch.device(device) if device is not None else _model_device(model)
-    amp = amp_supported(device) if amp is None else amp
+    precision = _as_precision(precision, device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
     was_training = model.training
@@ -57,22 +82,94 @@ def compute_descriptors(model, dataset, batch_size=24, num_workers=0, device=Non
     out = None
     try:
         with torch.no_grad():
-            for images, indices in tqdm(loader, desc=desc, unit="batch"):
-                images = images.to(device, non_blocking=True)  # `images`: (B, 3, H, W)
-                if amp:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with autocast(device, amp):
-                    feats = model(images)  # `feats`: (B, out_dim)
+            for inputs, indices in tqdm(loader, desc=label, unit="batch"):
+                inputs = precision.images(inputs.to(device, non_blocking=True))  # (B, ...)
+                with precision.autocast(device):
+                    outputs = model(inputs)  # `outputs`: (B, ...)
                 if out is None:
-                    shape = (_num_rows(dataset), feats.shape[1])
-                    out = (np.zeros(shape, dtype) if out_path is None else
-                           np.lib.format.open_memmap(out_path, mode="w+", dtype=dtype,
-                                                     shape=shape))
-                out[indices.numpy()] = feats.to(DTYPES[dtype]).cpu().numpy()
+                    out = _new_array((_num_rows(dataset), *outputs.shape[1:]), dtype, out_path)
+                out[indices.numpy()] = outputs.to(DTYPES[dtype]).cpu().numpy()
     finally:
         model.train(was_training)
     if out is None:
-        raise ValueError("compute_descriptors got an empty dataset")
+        raise ValueError("run_inference got an empty dataset")
     if out_path is not None:
         out.flush()
     return out
+
+
+def compute_descriptors(model, dataset, batch_size=24, num_workers=0, device=None,
+                        precision=None, dtype=np.float16, out_path=None,
+                        label="Caching descriptors"):
+    """(N, out_dim) array of `model`'s descriptors of every image of `dataset`.
+
+    Runs under `model.eval()` and `torch.no_grad()` (see `run_inference`). Each item of
+    `dataset` is `(image (3, H, W), index)`, e.g. `data.WholeDataset`; a `FeatureDataset` with
+    `model.head` as the model gives the same descriptors from cached local features.
+
+    Args:
+        precision: "auto" (bf16 autocast only where the device has native bf16), "fp32",
+            "bf16" or a `utils.Precision`; the NetVLAD layer computes in float32 in any case.
+        dtype: `np.float16` (default, half the memory) or `np.float32`; never float64.
+        out_path: if given, a disk-backed `.npy` file holds the result instead of RAM
+            (Pitts250k: about 100k × 32,768, 6 GiB in float16).
+    """
+    return run_inference(model, dataset, batch_size, num_workers, device, precision, dtype,
+                         out_path, label)
+
+
+def compute_local_features(encoder, dataset, batch_size=24, num_workers=0, device=None,
+                           precision=None, storage="auto", out_path=None,
+                           label="Encoding images once (frozen encoder)"):
+    """(N, D, h, w) float16 array: the encoder's output for every image of `dataset`.
+
+    For a frozen encoder this is all that training needs of the images: every later cache
+    refresh, training step and validation runs only the NetVLAD layer on these features. The
+    size is printed before the pass.
+
+    Args:
+        encoder: images (B, 3, H, W) -> local descriptors (B, D, h, w), frozen.
+        storage: "memory", "disk" (a `.npy` at `out_path`) or "auto": memory up to
+            `IN_MEMORY_LIMIT_MB`, disk above.
+        out_path: the `.npy` file for disk storage.
+    """
+    if any(p.requires_grad for p in encoder.parameters()):
+        raise ValueError("compute_local_features caches a frozen encoder only; this one has "
+                         "trainable parameters (its output changes as it trains)")
+    device = torch.device(device) if device is not None else _model_device(encoder)
+    image, _ = dataset[0]  # `image`: (3, H, W)
+    shape = _meta_shape(encoder, image.shape)  # (D, h, w)
+    mib = cache_memory_mb(len(dataset), shape, np.float16)
+    if storage == "auto":
+        storage = "memory" if mib <= IN_MEMORY_LIMIT_MB else "disk"
+    if storage not in ("memory", "disk"):
+        raise ValueError(f"storage must be 'memory', 'disk' or 'auto', got {storage!r}")
+    if storage == "disk" and out_path is None:
+        raise ValueError("storage='disk' needs out_path, the .npy file of the features")
+    where = "in memory" if storage == "memory" else f"on disk ({out_path})"
+    print(f"local features: {len(dataset):,} images x {shape} float16 = {mib:,.1f} MiB {where}")
+    return run_inference(encoder, dataset, batch_size, num_workers, device, precision,
+                         np.float16, out_path if storage == "disk" else None, label)
+
+
+def _meta_shape(encoder, image_shape):
+    """The (D, h, w) output shape of `encoder` for one image, computed without arithmetic."""
+    meta = copy.deepcopy(encoder).to("meta")
+    return tuple(meta(torch.empty(1, *image_shape, device="meta")).shape[1:])
+
+
+class FeatureDataset(Dataset):
+    """Cached local features as a dataset: item i is `(features[i] (D, h, w) float32, i)`.
+
+    Args:
+        features: (N, D, h, w) array from `compute_local_features` (RAM or memmap).
+    """
+
+    def __init__(self, features):
+        self.features = features
+
+    def __len__(self):
+        return len(self.features)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(np.asarray(self.features[i], dtype=np.float32)), i

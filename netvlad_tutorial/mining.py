@@ -132,28 +132,42 @@ class TripletDataset(Dataset):
 
     Database images are read from `root/<dbImage>`, queries from `root/<queries_dir>/<qImage>`
     (the Pittsburgh layout; `data.load_split` gives `root` and `queries_dir`).
+
+    Args:
+        features: a frozen encoder's cached output for the whole split (numDb + numQ, D, h, w),
+            database first (`features.compute_local_features`). Given, the items hold these
+            features (float32) in place of the images, in the same layout.
     """
 
-    def __init__(self, root, db, tuples, transform=None, queries_dir=QUERIES_DIR):
+    def __init__(self, root, db, tuples, transform=None, queries_dir=QUERIES_DIR,
+                 features=None):
         self.root, self.db, self.tuples = Path(root), db, list(tuples)
         self.transform = transform if transform is not None else input_transform()
-        self.queries_dir = queries_dir
+        self.queries_dir, self.features = queries_dir, features
         if any(len(t.negatives) == 0 for t in self.tuples):
             raise ValueError("every tuple needs at least one negative: leave skipped queries out")
+        if features is not None and len(features) != db.numDb + db.numQ:
+            raise ValueError(f"features has {len(features)} rows; expected numDb + numQ = "
+                             f"{db.numDb + db.numQ} (database first, then queries)")
 
     def __len__(self):
         return len(self.tuples)
 
-    def _load(self, path):
-        return self.transform(load_image(path))
+    def _database(self, j):
+        if self.features is not None:
+            return torch.from_numpy(np.asarray(self.features[j], dtype=np.float32))
+        return self.transform(load_image(self.root / self.db.dbImage[j]))
+
+    def _query(self, q):
+        if self.features is not None:
+            return torch.from_numpy(np.asarray(self.features[self.db.numDb + q],
+                                               dtype=np.float32))
+        return self.transform(load_image(self.root / self.queries_dir / self.db.qImage[q]))
 
     def __getitem__(self, i):
         t = self.tuples[i]
-        query = self._load(self.root / self.queries_dir / self.db.qImage[t.query])
-        positive = self._load(self.root / self.db.dbImage[t.positive])
-        negatives = torch.stack([self._load(self.root / self.db.dbImage[n])
-                                 for n in t.negatives])  # `negatives`: (n, 3, H, W)
-        return query, positive, negatives, i
+        negatives = torch.stack([self._database(n) for n in t.negatives])  # (n, 3, H, W)
+        return self._query(t.query), self._database(t.positive), negatives, i
 
 
 def collate_fn(batch):

@@ -19,7 +19,7 @@ from torchvision.models import VGG16_Weights
 from torchvision.models.vgg import cfgs, make_layers
 from tqdm import tqdm
 
-from .utils import REPO_ROOT, atomic_save, autocast
+from .utils import REPO_ROOT, Precision, atomic_save, resolve_precision
 
 ENCODER_NAME = "vgg16_conv5"
 IMAGENET_URL = VGG16_Weights.IMAGENET1K_V1.url
@@ -221,7 +221,7 @@ def _num_db(dataset):
 
 
 def sample_local_descriptors(encoder, dataset, num_images=500, per_image=100, batch_size=16,
-                             num_workers=0, device=None, amp=True, seed=0):
+                             num_workers=0, device=None, precision=None, seed=0):
     """Random L2-normalized local descriptors from database images, for k-means.
 
     Reference: 100 random positions from each of 500 random database images.
@@ -229,7 +229,7 @@ def sample_local_descriptors(encoder, dataset, num_images=500, per_image=100, ba
     Args:
         encoder: images (B, 3, H, W) -> local descriptors (B, D, h, w).
         dataset: items `(image, index)`; images `< dataset.db.numDb` are the database.
-        amp: bf16 autocast (and channels_last input) on `device`.
+        precision: "auto", "fp32", "bf16" or a `utils.Precision` (see `resolve_precision`).
 
     Returns:
         float32 array (num_images * per_image, D), fewer if the images are fewer or smaller.
@@ -240,15 +240,15 @@ def sample_local_descriptors(encoder, dataset, num_images=500, per_image=100, ba
     loader = DataLoader(Subset(dataset, images.tolist()), batch_size=batch_size,
                         num_workers=num_workers)
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
+    if not isinstance(precision, Precision):
+        precision = resolve_precision(precision or "auto", device)
     was_training = encoder.training
     encoder.eval()
     descs = []
     with torch.no_grad():
         for batch, _ in tqdm(loader, desc="Local descriptors for k-means", unit="batch"):
-            batch = batch.to(device)  # `batch`: (B, 3, H, W)
-            if amp:
-                batch = batch.contiguous(memory_format=torch.channels_last)
-            with autocast(device, amp):
+            batch = precision.images(batch.to(device))  # `batch`: (B, 3, H, W)
+            with precision.autocast(device):
                 x = encoder(batch)  # `x`: (B, D, h, w)
             x = F.normalize(x.float(), dim=1).flatten(2).transpose(1, 2)  # `x`: (B, h*w, D)
             for xi in x.cpu().numpy():  # `xi`: (h*w, D)
@@ -284,7 +284,7 @@ def centroids_cache_path(model, dataset, num_images=500, per_image=100):
 
 
 def init_netvlad(model, dataset, cache_path=None, num_images=500, per_image=100, iters=100,
-                 seed=0, batch_size=16, num_workers=0, device=None, amp=True):
+                 seed=0, batch_size=16, num_workers=0, device=None, precision=None):
     """Initialize `model.pool` by k-means on conv5 descriptors, cached in `cache_path`.
 
     Loads the cache file when it exists, else samples descriptors, runs k-means, sets α and
@@ -306,7 +306,7 @@ def init_netvlad(model, dataset, cache_path=None, num_images=500, per_image=100,
         init = torch.load(cache_path, map_location="cpu", weights_only=True)
     else:
         descs = sample_local_descriptors(model.encoder, dataset, num_images, per_image,
-                                         batch_size, num_workers, device, amp, seed)
+                                         batch_size, num_workers, device, precision, seed)
         centroids = kmeans_centroids(descs, model.pool.num_clusters, iters, seed)
         init = {"centroids": torch.from_numpy(centroids),
                 "alpha": assignment_alpha(centroids, descs), "num_descriptors": len(descs)}
@@ -368,6 +368,22 @@ def fit_pca_whitening(descs, out_dim, eps=1e-9):
     return pca
 
 
+class Head(nn.Module):
+    """Local features to global descriptors: NetVLAD, then the optional PCA whitening.
+
+    `EmbedNet.head` shares the model's own layers: training the head trains the model.
+    """
+
+    def __init__(self, pool, pca=None):
+        super().__init__()
+        self.pool, self.pca = pool, pca
+
+    def forward(self, x):
+        """Descriptors (B, out_dim) of local features `x` (B, D, h, w)."""
+        v = self.pool(x)  # `v`: (B, K*D)
+        return v if self.pca is None else self.pca(v)  # (B, out_dim)
+
+
 class EmbedNet(nn.Module):
     """Images to global descriptors: encoder -> NetVLAD -> optional PCA whitening, unit norm."""
 
@@ -380,11 +396,20 @@ class EmbedNet(nn.Module):
         """Length of the descriptors: K·D, or the PCA dimension."""
         return self.pool.num_clusters * self.pool.dim if self.pca is None else self.pca.out_dim
 
+    @property
+    def head(self):
+        """Everything after the encoder as one module (`Head`), sharing this model's layers."""
+        return Head(self.pool, self.pca)
+
+    @property
+    def encoder_frozen(self):
+        """True when no encoder weight trains: its output per image never changes."""
+        return not any(p.requires_grad for p in self.encoder.parameters())
+
     def forward(self, images):
         """Descriptors (B, out_dim) of `images` (B, 3, H, W)."""
         x = self.encoder(images)  # `x`: (B, D, H/16, W/16)
-        v = self.pool(x)  # `v`: (B, K*D)
-        return v if self.pca is None else self.pca(v)  # (B, out_dim)
+        return self.head(x)  # (B, out_dim)
 
 
 def build_model(num_clusters=64, weights=None, pca_dim=None, train_all=None, alpha=100.0,

@@ -28,10 +28,16 @@ from .data import (
     train_positives,
 )
 from .evaluate import RECALL_VALUES, recall_at_n
-from .features import compute_descriptors
+from .features import (
+    IN_MEMORY_LIMIT_MB,
+    FeatureDataset,
+    cache_memory_mb,
+    compute_descriptors,
+    compute_local_features,
+)
 from .mining import NegativeCache, TripletDataset, collate_fn, mine_triplets, triplet_loss
 from .model import PCAWhitening, build_model, fit_pca_whitening, init_netvlad, model_config
-from .utils import REPO_ROOT, amp_supported, atomic_save, autocast, get_device, set_seed
+from .utils import REPO_ROOT, atomic_save, get_device, resolve_precision, set_seed
 
 # ---------------------------------------------------------------------------------------------
 # Presets
@@ -67,7 +73,9 @@ class TrainConfig:
     cache_batch_size: int = 24
     num_workers: int = 8
     seed: int = 123
-    amp: bool = True  # bf16 autocast + channels_last where the device supports it
+    precision: str = "auto"  # "fp32", "bf16", or "auto": bf16 where native (resolve_precision)
+    cache_storage: str = "auto"  # descriptor/feature caches: "memory", "disk" or "auto" (by size)
+    feature_cache: bool = True  # a frozen encoder runs once per image (see FeatureCache)
     device: str | None = None
     kmeans_images: int = 500
     kmeans_per_image: int = 100
@@ -171,7 +179,7 @@ def make_model(config, train_split, device):
                  cache_path=centroids_path(config, train_split),
                  num_images=config.kmeans_images, per_image=config.kmeans_per_image,
                  iters=config.kmeans_iters, seed=config.seed, device=device,
-                 amp=config.amp and amp_supported(device))
+                 precision=resolve_precision(config.precision, device))
     return model
 
 
@@ -194,21 +202,74 @@ def make_optimizer(config, model):
 # ---------------------------------------------------------------------------------------------
 
 
-def split_descriptors(model, split, config, device, desc="Caching descriptors"):
-    """(db_desc, q_desc) of a split: one cache pass over database then queries."""
-    amp = config.amp and amp_supported(device)
-    desc_all = compute_descriptors(model, whole_dataset(split, config),
-                                   batch_size=config.cache_batch_size,
-                                   num_workers=config.num_workers, device=device, amp=amp,
-                                   desc=desc)
+def split_descriptors(model, split, config, device, features=None,
+                      label="Caching descriptors"):
+    """(db_desc, q_desc) of a split: one cache pass over database then queries.
+
+    With `features`, the split's cached local features (`FeatureCache`), only the NetVLAD layer
+    (and PCA) runs: the same descriptors as from the images, without the encoder.
+    """
+    precision = resolve_precision(config.precision, device)
+    if features is not None:
+        net, dataset = model.head, FeatureDataset(features)
+    else:
+        net, dataset = model, whole_dataset(split, config)
+    desc_all = compute_descriptors(net, dataset, batch_size=config.cache_batch_size,
+                                   num_workers=0 if features is not None else config.num_workers,
+                                   device=device, precision=precision, label=label)
     return desc_all[: split.db.numDb], desc_all[split.db.numDb:]
 
 
-def evaluate_split(model, split, config, device, n_values=RECALL_VALUES):
+def evaluate_split(model, split, config, device, n_values=RECALL_VALUES, features=None):
     """Recall@N on a split (evaluation positives: within posDistThr, 25 m)."""
-    db_desc, q_desc = split_descriptors(model, split, config, device,
-                                        desc=f"Evaluating ({split.db.whichSet})")
+    db_desc, q_desc = split_descriptors(model, split, config, device, features,
+                                        label=f"Evaluating ({split.db.whichSet})")
     return recall_at_n(q_desc, db_desc, eval_positives(split.db), n_values=n_values)
+
+
+# ---------------------------------------------------------------------------------------------
+# A frozen encoder runs once: the local-feature cache
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FeatureCache:
+    """The encoder's output (N, D, h, w) float16 for every image of the train and val splits.
+
+    Used when no encoder weight trains (`EmbedNet.encoder_frozen`, e.g. the `tiny` preset):
+    the encoder then maps each image to the same features in every epoch, so it runs once per
+    image and every cache refresh, training step and validation runs only NetVLAD. With
+    conv5 trainable (the ImageNet setting) the features change at every step and this does not
+    apply.
+    """
+
+    train: np.ndarray
+    val: np.ndarray
+
+
+def make_feature_cache(model, train_split, val_split, config, device, work_dir=None):
+    """A `FeatureCache` of both splits if `model`'s encoder is frozen, else None.
+
+    `config.feature_cache=False` turns it off (the plain path, images every time).
+
+    Args:
+        work_dir: folder of the disk-backed arrays when `config.cache_storage` asks for disk
+            (or "auto" and the features are large).
+    """
+    if not (config.feature_cache and model.encoder_frozen):
+        return None
+    precision = resolve_precision(config.precision, device)
+    arrays = {}
+    for name, split in (("train", train_split), ("val", val_split)):
+        path = Path(work_dir) / f"features_{name}.npy" if work_dir is not None else None
+        storage = config.cache_storage
+        if storage != "memory" and path is None:
+            storage = "memory"
+        arrays[name] = compute_local_features(
+            model.encoder, whole_dataset(split, config), batch_size=config.cache_batch_size,
+            num_workers=config.num_workers, device=device, precision=precision,
+            storage=storage, out_path=path, label=f"Encoding {name} images once (frozen encoder)")
+    return FeatureCache(**arrays)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,32 +277,93 @@ def evaluate_split(model, split, config, device, n_values=RECALL_VALUES):
 # ---------------------------------------------------------------------------------------------
 
 
+def refresh_cache(model, state, config, device):
+    """float16 descriptors (numDb + numQ, out_dim) of the whole training split, current model.
+
+    Stored in RAM, or in a disk-backed array (`state["work_dir"]`) when `config.cache_storage`
+    is "disk", or "auto" and the cache is larger than `features.IN_MEMORY_LIMIT_MB`.
+    """
+    split, features = state["split"], state.get("features")
+    num_images = split.db.numDb + split.db.numQ
+    storage = config.cache_storage
+    if storage == "auto":
+        mib = cache_memory_mb(num_images, model.out_dim, np.float16)
+        storage = "memory" if mib <= IN_MEMORY_LIMIT_MB else "disk"
+    out_path = None
+    if storage == "disk" and state.get("work_dir") is not None:
+        out_path = Path(state["work_dir"]) / "descriptor_cache.npy"
+    if features is not None:
+        net, dataset = model.head, FeatureDataset(features.train)
+    else:
+        net, dataset = model, whole_dataset(split, config)
+    return compute_descriptors(net, dataset, batch_size=config.cache_batch_size,
+                               num_workers=0 if features is not None else config.num_workers,
+                               device=device, precision=resolve_precision(config.precision,
+                                                                          device),
+                               dtype=np.float16, out_path=out_path, label="Refreshing cache")
+
+
+def tuple_loader(tuples, state, config, device):
+    """Batches of `collate_fn` over the mined tuples: images, or their cached local features."""
+    split, features = state["split"], state.get("features")
+    dataset = TripletDataset(split.root, split.db, tuples,
+                             transform=input_transform(config.image_size),
+                             queries_dir=split.queries_dir,
+                             features=None if features is None else features.train)
+    return DataLoader(dataset, batch_size=config.batch_size, shuffle=False,
+                      num_workers=0 if features is not None else config.num_workers,
+                      collate_fn=collate_fn, pin_memory=device.type == "cuda")
+
+
+def train_step(net, batch, optimizer, config, device, images=True):
+    """One SGD step on a batch of tuples; returns (loss, number of tuples).
+
+    Args:
+        net: the model on images, or `model.head` on cached local features (`images=False`).
+        batch: `(query, positive, negatives, neg_counts, indices)` from `collate_fn`.
+    """
+    query, positive, negatives, neg_counts, _ = batch
+    precision = resolve_precision(config.precision, device)
+    inputs = torch.cat([query, positive, negatives]).to(device)  # (2B + sum(neg_counts), ...)
+    if images:
+        inputs = precision.images(inputs)
+    with precision.autocast(device):
+        desc = net(inputs)
+    desc = desc.float()
+    B = query.shape[0]
+    q, p, n = desc[:B], desc[B:2 * B], desc[2 * B:]  # `q`, `p`: (B, dim); `n`: (N, dim)
+    loss = triplet_loss(q, p, n, neg_counts.to(device), margin=math.sqrt(config.margin))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item(), B
+
+
 def train_epoch(model, optimizer, state, config, device):
     """One pass over the training queries, refreshing the cache every `cache_refresh` queries.
 
     Args:
         state: dict with `split`, `positives`, `sampler`, `neg_cache` and `rng`, shared
-            across epochs (the negative cache and the RNG carry over).
+            across epochs (the negative cache and the RNG carry over), and optionally
+            `features` (a `FeatureCache`: a frozen encoder's output, see `make_feature_cache`)
+            and `work_dir` (where disk-backed caches go).
 
     Returns:
         dict with the mean loss, the number of tuples trained on and of skipped queries.
     """
     split, rng = state["split"], state["rng"]
-    numDb = split.db.numDb
+    num_db = split.db.numDb
     queries = np.array([q for q, pos in enumerate(state["positives"]) if len(pos) > 0])
     queries = queries[rng.permutation(len(queries))][:config.max_queries]
-    amp = config.amp and amp_supported(device)
-    margin = math.sqrt(config.margin)
+    cached = state.get("features") is not None
+    net = model.head if cached else model
     total_loss, num_tuples, num_skipped = 0.0, 0, 0
 
     for start in range(0, len(queries), config.cache_refresh):
         subset = queries[start:start + config.cache_refresh]
         # 1. Refresh the cache: descriptors of the whole training split with the current model.
-        cache = compute_descriptors(model, whole_dataset(split, config),
-                                    batch_size=config.cache_batch_size,
-                                    num_workers=config.num_workers, device=device, amp=amp,
-                                    dtype=np.float32, desc="Refreshing cache")
-        db_desc, q_desc = cache[:numDb], cache[numDb:]
+        cache = refresh_cache(model, state, config, device)
+        db_desc, q_desc = cache[:num_db], cache[num_db:]
         # 2. Mine: best positive and hard negatives for each query of this subset.
         tuples, skipped = mine_triplets(subset, q_desc, db_desc, state["positives"],
                                         state["sampler"], rng, state["neg_cache"],
@@ -252,31 +374,12 @@ def train_epoch(model, optimizer, state, config, device):
         if not tuples:
             continue
         # 3. Train on the mined tuples.
-        dataset = TripletDataset(split.root, split.db, tuples,
-                                 transform=input_transform(config.image_size),
-                                 queries_dir=split.queries_dir)
-        loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False,
-                            num_workers=config.num_workers, collate_fn=collate_fn,
-                            pin_memory=device.type == "cuda")
         model.train()
-        for query, positive, negatives, neg_counts, _ in tqdm(loader, desc="Training",
-                                                              leave=False):
-            images = torch.cat([query, positive, negatives]).to(device)
-            # `images`: (2B + sum(neg_counts), 3, H, W)
-            if amp:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with autocast(device, amp):
-                desc = model(images)
-            desc = desc.float()
-            B = query.shape[0]
-            # `q`, `p`: (B, dim); `n`: (sum(neg_counts), dim)
-            q, p, n = desc[:B], desc[B:2 * B], desc[2 * B:]
-            loss = triplet_loss(q, p, n, neg_counts.to(device), margin=margin)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.item() * B
-            num_tuples += B
+        for batch in tqdm(tuple_loader(tuples, state, config, device), desc="Training",
+                          leave=False):
+            loss, num = train_step(net, batch, optimizer, config, device, images=not cached)
+            total_loss += loss * num
+            num_tuples += num
     return {"loss": total_loss / max(num_tuples, 1), "tuples": num_tuples,
             "skipped": num_skipped}
 
@@ -373,7 +476,10 @@ def train(config, run_dir, resume=False, stop_after=None):
     positives = train_positives(train_split.db)
     state = {"split": train_split, "positives": positives,
              "sampler": NegativeSampler(train_split.db), "rng": rng,
-             "neg_cache": NegativeCache(train_split.db.numQ, config.n_neg)}
+             "neg_cache": NegativeCache(train_split.db.numQ, config.n_neg),
+             "work_dir": run_dir,
+             "features": make_feature_cache(model, train_split, val_split, config, device,
+                                            run_dir)}
     history, best_score, best_epoch, start_epoch = [], -1.0, -1, 0
 
     if resume and (run_dir / "latest.pth").exists():
@@ -400,7 +506,8 @@ def train(config, run_dir, resume=False, stop_after=None):
         t0 = time.perf_counter()
         stats = train_epoch(model, optimizer, state, config, device)
         scheduler.step()
-        recalls = evaluate_split(model, val_split, config, device)
+        recalls = evaluate_split(model, val_split, config, device,
+                                 features=getattr(state["features"], "val", None))
         row = {"epoch": epoch, **stats, "lr": optimizer.param_groups[0]["lr"],
                **{f"recall@{n}": r for n, r in recalls.items()},
                "seconds": round(time.perf_counter() - t0, 2)}
@@ -454,7 +561,7 @@ def load_trained(config, run_dir, device=None):
 
 def evaluate_checkpoint(data_root, split="test", checkpoint=None, untrained=False,
                         preset="tiny", pca=False, pca_dim=None, name=None, device=None,
-                        amp=True):
+                        precision=None):
     """Recall@N of a trained checkpoint, or of the untrained model (`untrained=True`).
 
     The untrained model is built exactly as training starts: the same seed and k-means centroids.
@@ -470,7 +577,8 @@ def evaluate_checkpoint(data_root, split="test", checkpoint=None, untrained=Fals
     if checkpoint is not None:
         ckpt = load_checkpoint(checkpoint)
         config = TrainConfig(**{**ckpt["config"], "image_size": _tuple(ckpt["config"])})
-    config = config.replace(data_root=str(data_root), amp=amp,
+    config = config.replace(data_root=str(data_root),
+                            **({"precision": precision} if precision else {}),
                             **({"dataset": name} if name else {}),
                             **({"device": device} if device else {}))
     device = resolve_device(config)
@@ -503,7 +611,8 @@ def load_or_fit_pca(model, config, train_split, device, pca_dim=None, checkpoint
         layer = PCAWhitening(stored["in_dim"], stored["out_dim"])
         layer.load_state_dict(stored["state_dict"])
         return layer.to(device)
-    db_desc, _ = split_descriptors(model, train_split, config, device, desc="Descriptors for PCA")
+    db_desc, _ = split_descriptors(model, train_split, config, device,
+                                   label="Descriptors for PCA")
     db_desc = db_desc[np.random.default_rng(config.seed).permutation(len(db_desc))[:10000]]
     layer = fit_pca_whitening(db_desc, min(pca_dim or config.pca_dim, len(db_desc) - 1))
     if checkpoint:

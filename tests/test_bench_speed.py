@@ -72,11 +72,18 @@ def test_decoding_paths_match_input_transform(jpegs):
     torch.testing.assert_close(Normalize255("cpu")(x), expected)
 
 
-def test_variant_settings_on_cpu():
+@pytest.mark.parametrize("native", [False, True])
+def test_variant_settings_on_cpu(monkeypatch, native):
+    monkeypatch.delenv("NETVLAD_PRECISION", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     ref, proj = variant_settings("reference", "cpu"), variant_settings("project", "cpu")
     assert (ref["amp"], ref["channels_last"], ref["pool"], ref["decode"]) == (
         False, False, "loop", "pil")
-    assert (proj["amp"], proj["channels_last"], proj["pool"]) == (True, True, "vectorized")
+    # "auto": bf16 only where the CPU computes it natively (AMX here), else fp32
+    assert (proj["amp"], proj["channels_last"], proj["pool"]) == (native, True, "vectorized")
+    assert proj["precision"] == ("bf16" if native else "fp32")
+    assert variant_settings("project", "cpu", precision="fp32")["amp"] is False
     assert proj["decode"] == "pil-uint8" and not proj["compile"]  # nvjpeg and compile: CUDA
     assert variant_settings("project", "cpu", gpu_decode=True)["decode"] == "pil-uint8"
     with pytest.raises(ValueError, match="reference"):
@@ -134,13 +141,17 @@ def test_miniature_run_json(jpegs, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)  # exactly one JSON object on stdout
     assert result["device"] == "cpu" and result["image_size"] == [16, 32]
     assert result["num_images"] == 8 and result["batch_size"] == 4
-    for name in ("reference", "project"):
+    for name in ("reference", "project_fp32", "project"):
         for key in FIGURES:
             assert result[name][key] > 0, (name, key)
     assert result["reference"]["settings"]["pool"] == "loop"
     assert result["project"]["settings"]["pool"] == "vectorized"
     assert result["speedup"]["cache"] == pytest.approx(
         result["project"]["cache_img_per_s"] / result["reference"]["cache_img_per_s"])
+    assert result["speedup_fp32"]["train"] == pytest.approx(
+        result["project_fp32"]["train_tuples_per_s"] / result["reference"]["train_tuples_per_s"])
+    assert result["project_fp32"]["settings"]["precision"] == "fp32"
+    assert isinstance(result["native_bf16"], bool) and result["native_bf16_reason"]
     assert -1 <= result["cosine"]["min"] <= result["cosine"]["mean"] <= 1 + 1e-6
     saved = json.loads((out / result["saved_to"].rsplit("/", 1)[1]).read_text())
     assert saved["reference"] == result["reference"] and "saved_to" not in saved

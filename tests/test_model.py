@@ -272,7 +272,7 @@ def _identity_encoder():
 def test_sample_local_descriptors_from_database_pixels():
     dataset = ColorDataset()
     descs = sample_local_descriptors(_identity_encoder(), dataset, num_images=4, per_image=10,
-                                     batch_size=3, amp=False, seed=0)
+                                     batch_size=3, precision="fp32", seed=0)
     assert descs.dtype == np.float32 and descs.shape == (4 * 10, 3)
     np.testing.assert_allclose(np.linalg.norm(descs, axis=1), 1, atol=1e-6)
     db_pixels = dataset.images[:6].permute(0, 2, 3, 1).reshape(-1, 3).numpy()
@@ -282,7 +282,7 @@ def test_sample_local_descriptors_from_database_pixels():
     assert dist.min(1).max() < 1e-6
     assert len(np.unique(dist.argmin(1))) == 40
     again = sample_local_descriptors(_identity_encoder(), dataset, num_images=4, per_image=10,
-                                     batch_size=2, amp=False, seed=0)
+                                     batch_size=2, precision="fp32", seed=0)
     np.testing.assert_array_equal(again, descs)
 
 
@@ -296,11 +296,11 @@ def test_init_netvlad_computes_then_loads_cache(tmp_path, monkeypatch):
     dataset = ColorDataset(size=(16, 16))
     path = tmp_path / "centroids.pt"
     model = _tiny_model()
-    kwargs = dict(num_images=5, per_image=8, iters=10, seed=3, amp=False)
+    kwargs = dict(num_images=5, per_image=8, iters=10, seed=3, precision="fp32")
     init = init_netvlad(model, dataset, cache_path=path, **kwargs)
     assert path.exists() and init["path"] == path
 
-    descs = sample_local_descriptors(model.encoder, dataset, 5, 8, amp=False, seed=3)
+    descs = sample_local_descriptors(model.encoder, dataset, 5, 8, precision="fp32", seed=3)
     centroids = kmeans_centroids(descs, k=2, iters=10, seed=3)
     np.testing.assert_allclose(model.pool.centroids.detach().numpy(), centroids)
     assert model.pool.alpha == pytest.approx(assignment_alpha(centroids, descs))

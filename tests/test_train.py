@@ -16,7 +16,7 @@ def _micro_config(city):
     return tr.PRESETS["tiny"].replace(
         data_root=str(city), image_size=(32, 48), num_clusters=4, epochs=2, n_neg=2,
         n_neg_sample=20, n_neg_dist=10, cache_refresh=8, kmeans_images=20, kmeans_per_image=4,
-        kmeans_iters=10, amp=False, lr=1e-3, device="cpu", freeze_encoder=False)
+        kmeans_iters=10, precision="fp32", lr=1e-3, device="cpu", freeze_encoder=False)
 
 
 def test_resume_gives_the_same_final_weights(micro_city, tmp_path):
@@ -78,12 +78,12 @@ def test_pca_whitening_is_stored_in_the_checkpoint(micro_city, tmp_path):
     tr.train(config, tmp_path)
     ckpt_path = tmp_path / "best.pth"
     first = tr.evaluate_checkpoint(micro_city, checkpoint=ckpt_path, pca=True, pca_dim=8,
-                                   amp=False)
+                                   precision="fp32")
     stored = torch.load(ckpt_path, weights_only=False)["pca"]
     assert (stored["in_dim"], stored["out_dim"]) == (4 * 512, 8) and first["dim"] == 8
     # The second evaluation loads the stored layer: same recalls, checkpoint unchanged.
     again = tr.evaluate_checkpoint(micro_city, checkpoint=ckpt_path, pca=True, pca_dim=8,
-                                   amp=False)
+                                   precision="fp32")
     assert again == first
     torch.testing.assert_close(torch.load(ckpt_path, weights_only=False)["pca"]["state_dict"],
                                stored["state_dict"], rtol=0, atol=0)

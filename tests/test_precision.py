@@ -1,0 +1,87 @@
+"""Precision chosen by what the hardware computes natively (the CPU probes monkeypatched)."""
+
+import itertools
+
+import pytest
+import torch
+
+from netvlad_tutorial import utils
+from netvlad_tutorial.utils import PRECISION_ENV, resolve_precision
+
+
+def _cpu(monkeypatch, amx, avx512_bf16):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+
+
+@pytest.fixture(autouse=True)
+def _clean(monkeypatch):
+    monkeypatch.delenv(PRECISION_ENV, raising=False)
+    monkeypatch.setattr(utils, "_ANNOUNCED", set())
+
+
+@pytest.mark.parametrize("amx, avx512_bf16", list(itertools.product([False, True], repeat=2)))
+def test_auto_picks_bf16_only_where_native_on_cpu(monkeypatch, amx, avx512_bf16):
+    _cpu(monkeypatch, amx, avx512_bf16)
+    chosen = resolve_precision("auto", "cpu", verbose=False)
+    # emulated bf16 is slower than fp32 (2.7x on an Ice Lake Xeon): never chosen by "auto"
+    assert chosen.name == ("bf16" if amx or avx512_bf16 else "fp32")
+    assert chosen.channels_last  # faster than NCHW on CPU in both precisions
+    expected = "AMX" if amx else "AVX512-BF16" if avx512_bf16 else "no native bf16"
+    assert expected in chosen.reason
+
+
+def test_mkldnn_probe_is_not_trusted(monkeypatch):
+    # oneDNN says "bf16 supported" on CPUs that only emulate it; the decision must not follow
+    _cpu(monkeypatch, False, False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True,
+                        raising=False)
+    assert resolve_precision("auto", "cpu", verbose=False).name == "fp32"
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_on_cuda_follows_is_bf16_supported(monkeypatch, native):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    chosen = resolve_precision("auto", "cuda", verbose=False)
+    assert chosen.name == ("bf16" if native else "fp32")
+
+
+def test_forced_settings_and_the_environment_variable(monkeypatch):
+    _cpu(monkeypatch, True, False)
+    assert resolve_precision("fp32", "cpu", verbose=False).name == "fp32"
+    monkeypatch.setenv(PRECISION_ENV, "fp32")
+    chosen = resolve_precision("auto", "cpu", verbose=False)  # the variable overrides "auto"
+    assert chosen.name == "fp32" and PRECISION_ENV in chosen.reason
+    _cpu(monkeypatch, False, False)
+    monkeypatch.setenv(PRECISION_ENV, "BF16")
+    chosen = resolve_precision(None, "cpu", verbose=False)
+    assert chosen.name == "bf16" and "emulated" in chosen.reason  # forced, with a warning
+    assert resolve_precision("fp32", "cpu", verbose=False).name == "fp32"  # explicit wins
+    monkeypatch.setenv(PRECISION_ENV, "fp16")
+    with pytest.raises(ValueError, match=PRECISION_ENV):
+        resolve_precision("auto", "cpu")
+    with pytest.raises(ValueError, match="unknown precision"):
+        resolve_precision("half", "cpu")
+
+
+def test_the_choice_is_printed_once_with_its_reason(monkeypatch, capsys):
+    _cpu(monkeypatch, False, False)
+    for _ in range(3):
+        resolve_precision("auto", "cpu")
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["precision: fp32 + channels_last (this CPU has no native bf16: no AMX, "
+                   "no AVX512-BF16)"]
+
+
+def test_autocast_and_memory_format_follow_the_choice(monkeypatch):
+    _cpu(monkeypatch, False, False)
+    x = torch.randn(2, 3, 8, 8)
+    conv = torch.nn.Conv2d(3, 4, 3)
+    fp32 = resolve_precision("fp32", "cpu", verbose=False)
+    with fp32.autocast("cpu"):
+        assert conv(fp32.images(x)).dtype == torch.float32
+    assert fp32.images(x).is_contiguous(memory_format=torch.channels_last)
+    bf16 = resolve_precision("bf16", "cpu", verbose=False)
+    with bf16.autocast("cpu"):
+        assert conv(bf16.images(x)).dtype == torch.bfloat16
