@@ -62,6 +62,34 @@ def _bench(args):
     bench_main(args.rest)
 
 
+def _terminal_text(text):
+    """What a terminal shows for `text`: each line ends as its last carriage-return segment."""
+    lines = [line.rsplit("\r", 1)[-1] for line in text.split("\n")]
+    return "\n".join(line for line in lines if line.strip()) + ("\n" if text.strip() else "")
+
+
+def squash_progress(nb):
+    """Merge each code cell's consecutive stderr outputs and keep what a terminal would show:
+    a progress bar ends as one line in the stored notebook, as it does in a terminal."""
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        outputs = []
+        for out in cell.get("outputs", []):
+            if (out.get("output_type") == "stream" and out.get("name") == "stderr" and outputs
+                    and outputs[-1].get("output_type") == "stream"
+                    and outputs[-1].get("name") == "stderr"):
+                outputs[-1]["text"] += out["text"]
+            else:
+                outputs.append(out)
+        for out in outputs:
+            if out.get("output_type") == "stream" and out.get("name") == "stderr":
+                out["text"] = _terminal_text(out["text"])
+        cell["outputs"] = [o for o in outputs if not (o.get("output_type") == "stream"
+                                                      and not o["text"].strip())]
+    return nb
+
+
 def run_notebooks(paths, timeout=1200):
     """Execute each notebook in place (working directory: its folder), keeping the outputs."""
     import time
@@ -77,7 +105,7 @@ def run_notebooks(paths, timeout=1200):
                                 resources={"metadata": {"path": str(path.parent)}},
                                 extra_arguments=["--InteractiveShell.display_page=True"])
         client.execute()
-        nbformat.write(nb, path)
+        nbformat.write(squash_progress(nb), path)
         print(f"{path}: executed in {time.perf_counter() - start:.0f} s")
 
 

@@ -13,7 +13,7 @@ import copy
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .utils import Precision, resolve_precision
 
