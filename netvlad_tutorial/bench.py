@@ -751,7 +751,10 @@ def save_results(result, out_dir=RESULTS_DIR):
     """Write `result` to `<out_dir>/<device name slug>_<date>.json` (atomically); its path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{slugify(result['device_name'])}_{result['date'][:10]}.json"
+    kind = slugify(result["device_name"])
+    if result["device"] == "cpu":  # one CPU model name can come with or without AMX
+        kind += "_native-bf16" if result.get("native_bf16") else "_no-native-bf16"
+    path = out_dir / f"{kind}_{result['date'][:10]}.json"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, path)
