@@ -27,7 +27,7 @@ from sklearn.neighbors import NearestNeighbors
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import pil_to_tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .data import (
     IMAGENET_MEAN,

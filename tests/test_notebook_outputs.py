@@ -1,0 +1,71 @@
+"""The stored notebooks are clean to read on GitHub: no errors, machine paths, warnings or
+progress-bar floods in their outputs, and every cell with outputs has its execution count."""
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from netvlad_tutorial.cli import squash_progress
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+MAX_STDERR_CHUNKS = 40  # per notebook: a progress bar ends as one line, not one per update
+
+
+def _text(output):
+    return "".join(output.get("text", "")) + "".join(output.get("data", {}).get("text/plain", ""))
+
+
+def _machine_paths():
+    """Absolute paths of the machine that ran a notebook: checkout, temp and home folders."""
+    roots = {str(ROOT), tempfile.gettempdir(), os.path.expanduser("~"), "/tmp"} - {"", "/"}
+    return re.compile("|".join([re.escape(r.rstrip("/") + "/") for r in sorted(roots)]
+                               + [r"ipykernel_\d+"]))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_stored_outputs_are_clean(path):
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    code = [c for c in cells if c["cell_type"] == "code"]
+    assert code and any(c.get("outputs") for c in code), "no stored outputs"
+    paths, problems, stderr_chunks = _machine_paths(), [], 0
+    for i, cell in enumerate(cells):
+        for out in cell.get("outputs", []):
+            text = _text(out)
+            if out.get("output_type") == "error":
+                problems.append(f"cell {i}: stored error {out.get('ename')}")
+            if paths.search(text):
+                problems.append(f"cell {i}: machine path {paths.search(text).group(0)!r}")
+            if re.search(r"[A-Za-z]+Warning\b", text):
+                problems.append(f"cell {i}: warning in the output")
+            if out.get("name") == "stderr":
+                stderr_chunks += 1 + text.count("\r")  # each update of a bar is a chunk
+        if cell.get("outputs") and cell.get("execution_count") is None:
+            problems.append(f"cell {i}: outputs without an execution_count (nbval fails)")
+    if stderr_chunks > MAX_STDERR_CHUNKS:
+        problems.append(f"{stderr_chunks} stderr chunks (progress bars not squashed)")
+    assert not problems, "\n".join(problems)
+
+
+def test_squash_progress_keeps_what_a_terminal_shows():
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("train()")
+    cell.outputs = [
+        nbformat.v4.new_output("stream", name="stderr", text="Caching:   0%|  | 0/3\r"),
+        nbformat.v4.new_output("stream", name="stderr", text="Caching:  33%|# | 1/3\r"),
+        nbformat.v4.new_output("stream", name="stderr", text="Caching: 100%|##| 3/3\n"),
+        nbformat.v4.new_output("stream", name="stdout", text="epoch 0\n"),
+        nbformat.v4.new_output("stream", name="stderr", text="Training: 50%\r        \r"),
+        nbformat.v4.new_output("stream", name="stderr", text="Mining: 100%|##| 2/2\n"),
+    ]
+    nb.cells.append(cell)
+    out = squash_progress(nb).cells[0].outputs
+    assert [(o["name"], o["text"]) for o in out] == [
+        ("stderr", "Caching: 100%|##| 3/3\n"), ("stdout", "epoch 0\n"),
+        ("stderr", "Mining: 100%|##| 2/2\n")]  # a cleared bar (leave=False) leaves nothing
