@@ -12,15 +12,22 @@ from netvlad_tutorial.cli import main as cli_main
 
 
 def _micro_config(city):
-    """The tiny preset shrunk to seconds: small images, few clusters, fp32 for exactness."""
+    """The tiny preset shrunk to seconds: small images, few clusters, fp32 for exactness.
+
+    As the tiny preset, only NetVLAD trains (a frozen encoder runs once per image); tests of
+    what encoder training changes use `.replace(freeze_encoder=False)`.
+    """
     return tr.PRESETS["tiny"].replace(
         data_root=str(city), image_size=(32, 48), num_clusters=4, epochs=2, n_neg=2,
         n_neg_sample=20, n_neg_dist=10, cache_refresh=8, kmeans_images=20, kmeans_per_image=4,
-        kmeans_iters=10, precision="fp32", lr=1e-3, device="cpu", freeze_encoder=False)
+        kmeans_iters=10, precision="fp32", lr=1e-2, device="cpu", freeze_encoder=True)
 
 
-def test_resume_gives_the_same_final_weights(micro_city, tmp_path):
-    config = _micro_config(micro_city)
+@pytest.mark.parametrize("frozen", [False, True], ids=["whole-encoder", "feature-cache"])
+def test_resume_gives_the_same_final_weights(micro_city, tmp_path, frozen):
+    config = _micro_config(micro_city).replace(freeze_encoder=frozen, lr=1e-2)
+    if not frozen:  # the whole VGG16 trains: smaller images and fewer queries keep it seconds
+        config = config.replace(image_size=(16, 24), max_queries=8, lr=1e-3)
     straight = tr.train(config, tmp_path / "straight")
     tr.train(config, tmp_path / "resumed", stop_after=1)  # "killed" after epoch 0
     assert not (tmp_path / "resumed" / "finished").exists()
