@@ -124,6 +124,14 @@ def resolve_precision(requested="auto", device="cpu", verbose=True):
     return result
 
 
+def amp_supported(device):
+    """Whether bf16 autocast is used on `device` under the old `amp=True` setting.
+
+    Kept so that the modules still on `TrainConfig.amp` import; `resolve_precision` replaces it.
+    """
+    return resolve_precision("auto", device, verbose=False).bf16
+
+
 def autocast(device, enabled=True):
     """bf16 autocast on `device` when `enabled`, a no-op context otherwise."""
     device = torch.device(device)
