@@ -499,8 +499,10 @@ def load_split(root, split, name=None, allow_flat=True):
     """Find and read `split` under `root`, in either layout.
 
     Pittsburgh: `root/netvlad_v100_datasets/datasets/*_{split}.mat` (`name`, e.g. "pitts30k",
-    picks one if there are several). Folders: `root/{split}/database` + `root/{split}/queries`,
-    or `root/database` + `root/queries` (one flat folder, used as the split asked for).
+    picks one if there are several), or `{name}.mat` for a one-split dataset (Tokyo 24/7:
+    `tokyo247.mat`, its `whichSet` "test"). Folders: `root/{split}/database` +
+    `root/{split}/queries`, or `root/database` + `root/queries` (one flat folder, used as the
+    split asked for).
 
     Args:
         allow_flat: accept the flat folder; training refuses it (`allow_flat=False`), since
@@ -510,6 +512,13 @@ def load_split(root, split, name=None, allow_flat=True):
     mats = sorted((root / DATASETS_DIR).glob(f"*_{split}.mat"))
     if name is not None:
         mats = [m for m in mats if m.name == f"{name}_{split}.mat"]
+        single = root / DATASETS_DIR / f"{name}.mat"  # one file, one split: tokyo247.mat
+        if not mats and single.is_file():
+            db = parse_db_struct(single)
+            if db.whichSet != split:
+                raise DataLayoutError(f"{single} holds the '{db.whichSet}' split, not "
+                                      f"'{split}'; use --split {db.whichSet}")
+            return Split(db, root, QUERIES_DIR)
     if len(mats) == 1:
         return Split(parse_db_struct(mats[0]), root, QUERIES_DIR)
     if len(mats) > 1:

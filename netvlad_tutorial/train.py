@@ -491,24 +491,28 @@ def _check_run_config(run_dir, config, train_split=None):
                              "a new --out, or --overwrite to replace it")
 
 
-def _prepare_run_dir(run_dir, resume, overwrite):
-    """Check what `run_dir` holds against `resume`/`overwrite`; clean it as asked.
+def _check_run_dir(run_dir, resume, overwrite):
+    """Refuse to reuse `run_dir` silently; returns the run files it holds.
 
-    A folder holding a run is never silently reused: without `--resume` it is refused unless
-    `overwrite`, and `--resume` needs its `latest.pth` when anything else of a run is there.
+    Without `resume` a folder holding a run is refused unless `overwrite`; `resume` needs its
+    `latest.pth` when anything else of a run (best.pth, a log, `finished`) is there.
     """
     found = [name for name in RUN_FILES if (run_dir / name).exists()]
-    choices = "--resume to continue it, a new --out, or --overwrite to replace it"
-    if found and overwrite:
-        for name in found:
-            (run_dir / name).unlink()
-        found = []
-    elif found and not resume:
-        raise ValueError(f"{run_dir} already holds a run ({', '.join(found)}); give {choices}")
+    if found and not resume and not overwrite:
+        raise ValueError(f"{run_dir} already holds a run ({', '.join(found)}); give --resume to "
+                         "continue it, a new --out, or --overwrite to replace it")
     if resume and not (run_dir / "latest.pth").exists() and set(found) - {"config.json",
                                                                            "data.json"}:
         raise ValueError(f"{run_dir} has {', '.join(found)} but no latest.pth, so it cannot be "
                          "resumed; give a new --out, or --overwrite to replace it")
+    return found
+
+
+def _clean_run_dir(run_dir, found, overwrite):
+    """Delete the old run's files (with `overwrite`) and the temporary files of killed writes."""
+    if overwrite:
+        for name in found:
+            (run_dir / name).unlink()
     for path in remove_temporary_files(run_dir):
         print(f"Removed {path}, left by an interrupted write")
 
@@ -563,8 +567,11 @@ def train(config, run_dir, resume=False, stop_after=None, overwrite=False):
         ValueError, FileNotFoundError, OSError: with one line naming the file and the choices.
     """
     run_dir = Path(run_dir)
+    if resume and overwrite:
+        raise ValueError("give either resume or overwrite, not both")
     if config.epochs < 1:
         raise ValueError(f"epochs is {config.epochs}: a run needs at least 1 epoch")
+    found = _check_run_dir(run_dir, resume, overwrite)
     device = resolve_device(config)
     train_split = load_split(config.data_root, "train", name=config.dataset, allow_flat=False)
     val_split = load_split(config.data_root, "val", name=config.dataset, allow_flat=False)
@@ -575,13 +582,13 @@ def train(config, run_dir, resume=False, stop_after=None, overwrite=False):
             f"with a training positive (a database image within "
             f"sqrt(nonTrivPosDistSqThr) = {train_split.db.nonTrivPosDistSqThr ** 0.5:g} m): "
             "there is nothing to train on")
-    _prepare_run_dir(run_dir, resume, overwrite)
     latest = None
     if resume and (run_dir / "latest.pth").exists():
         _check_run_config(run_dir, config, train_split)
         latest = load_checkpoint(run_dir / "latest.pth")
         checkpoint_config(latest, run_dir / "latest.pth", strict=True)
-    elif resume:
+    _clean_run_dir(run_dir, found, overwrite)
+    if resume and latest is None:
         print(f"No {run_dir / 'latest.pth'} yet: starting from scratch")
     # Written before k-means: a read-only or full --out is found at once.
     atomic_json(_config_json(config), run_dir / "config.json")

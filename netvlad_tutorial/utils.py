@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import random
+import re
 import signal
 import tempfile
 from dataclasses import dataclass
@@ -270,8 +271,11 @@ def load_torch_file(path, what="file", safe_globals=()):
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        found = [line.strip() for line in str(err).splitlines() if "unsupported" in line.lower()]
-        detail = f" ({found[0]})" if found else ""
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if found is None:  # not a pickle of objects at all: random bytes, text
+            raise ValueError(f"{path} is not a readable {what} (not written by torch.save)") \
+                from err
+        detail = f" (it holds {found.group(1)})"
         raise ValueError(f"{path}: refused to load this {what}: it holds objects other than "
                          f"tensors, numbers and arrays, which could run code{detail}") from err
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError) as err:
