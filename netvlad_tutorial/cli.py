@@ -78,6 +78,8 @@ def run_notebooks(paths, timeout=1200):
     import nbformat
     from nbclient import NotebookClient
 
+    from .utils import atomic_write
+
     for path in map(Path, paths):
         start = time.perf_counter()
         nb = nbformat.read(path, as_version=4)
@@ -86,7 +88,8 @@ def run_notebooks(paths, timeout=1200):
                                 resources={"metadata": {"path": str(path.parent)}},
                                 extra_arguments=["--InteractiveShell.display_page=True"])
         client.execute()
-        nbformat.write(nb, path)
+        text = nbformat.writes(nb)
+        atomic_write(path, text if text.endswith("\n") else text + "\n")
         print(f"{path}: executed in {time.perf_counter() - start:.0f} s")
 
 
