@@ -232,11 +232,16 @@ def make_model(config, train_split, device):
 
     Args:
         train_split: the split to draw k-means descriptors from; None when the weights come
-            from a checkpoint (no k-means, no centroid cache, no training data needed).
+            from a checkpoint (no k-means, no centroid cache, no training data, and no
+            pretrained encoder file needed).
     """
     set_seed(config.seed)
-    model = build_model(num_clusters=config.num_clusters, weights=config.weights,
-                        train_all=config.train_all)
+    if train_split is None:  # no pretrained file is read: the checkpoint holds every weight
+        train_all = config.train_all if config.train_all is not None else config.weights is None
+        model = build_model(num_clusters=config.num_clusters, weights=None, train_all=train_all)
+    else:
+        model = build_model(num_clusters=config.num_clusters, weights=config.weights,
+                            train_all=config.train_all)
     if config.freeze_encoder:
         model.encoder.requires_grad_(False)
     model.to(device)

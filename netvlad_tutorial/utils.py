@@ -169,6 +169,13 @@ def _tmp_prefix(path):
     return f".{Path(path).name}."
 
 
+def _new_file_mode():
+    """The mode `open(path, "w")` gives a new file: 0666 less the process's umask."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path, data, sync=True):
     """Write `data` to `path` through a temporary file in the same folder, then rename.
 
@@ -191,6 +198,9 @@ def atomic_write(path, data, sync=True):
         raise type(err)(err.errno, f"cannot write {path}: {err.strerror}") from err
     try:
         with os.fdopen(fd, "wb") as f:
+            # mkstemp makes the file private (0600): give it the mode the file has, or would get.
+            os.fchmod(f.fileno(), path.stat().st_mode & 0o7777 if path.is_file()
+                      else _new_file_mode())
             if callable(data):
                 data(f)
             else:

@@ -240,6 +240,16 @@ def test_the_writer_on_a_full_disk_names_the_file_and_leaves_no_temporary(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pth"]
 
 
+def test_the_writer_keeps_a_file_mode_and_gives_new_files_the_usual_one(tmp_path):
+    new = utils.atomic_write(tmp_path / "new.json", "{}")
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert new.stat().st_mode & 0o777 == 0o666 & ~mask  # as open(path, "w") would
+    new.chmod(0o640)
+    utils.atomic_write(new, "[]")
+    assert new.stat().st_mode & 0o777 == 0o640 and new.read_text() == "[]"
+
+
 def test_resume_removes_temporary_files_of_killed_writes(fast_run, tmp_path):
     run_dir = _copy_run(fast_run, tmp_path)
     left = run_dir / ".latest.pth.abc123.tmp"
