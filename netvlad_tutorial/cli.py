@@ -148,7 +148,8 @@ def build_parser():
     p.add_argument("--checkpoint", type=Path, default=None)
     p.add_argument("--untrained", action="store_true",
                    help="the same initialization, k-means centroids, no training")
-    p.add_argument("--preset", default="tiny", choices=["tiny", "small", "pitts30k", "pitts250k"])
+    p.add_argument("--preset", default=None, choices=["tiny", "small", "pitts30k", "pitts250k"],
+                   help="with --untrained: the run to mirror (default: tiny)")
     p.add_argument("--pca", action="store_true", help="apply (or fit) PCA whitening")
     p.add_argument("--pca-dim", type=int, default=None)
     p.add_argument("--save-pca", action="store_true",

@@ -518,6 +518,8 @@ def _clean_run_dir(run_dir, found, overwrite):
     if overwrite:
         for name in found:
             (run_dir / name).unlink()
+        for path in run_dir.glob("*.pca*.pth"):  # PCA files of the replaced checkpoints
+            path.unlink()
     for path in remove_temporary_files(run_dir):
         print(f"Removed {path}, left by an interrupted write")
 
@@ -687,11 +689,12 @@ def load_trained(config, run_dir, device=None):
 
 
 def evaluate_checkpoint(data_root, split="test", checkpoint=None, untrained=False,
-                        preset="tiny", pca=False, pca_dim=None, name=None, device=None,
+                        preset=None, pca=False, pca_dim=None, name=None, device=None,
                         amp=True, save_pca=False):
     """Recall@N of a trained checkpoint, or of the untrained model (`untrained=True`).
 
-    The untrained model is built exactly as training starts: the same seed and k-means centroids.
+    The untrained model is built exactly as training starts (`preset`, default "tiny"): the same
+    seed and k-means centroids.
     A checkpoint needs only the split evaluated: no train split, no centroid cache. With `pca`,
     whitening is taken from the checkpoint or the file beside it (`pca_path`) when it has one of
     that size, else fitted on up to 10,000 training-database descriptors. The checkpoint is
@@ -704,6 +707,9 @@ def evaluate_checkpoint(data_root, split="test", checkpoint=None, untrained=Fals
         raise ValueError("give either --checkpoint or --untrained, not both")
     if checkpoint is None and not untrained:
         raise ValueError("give --checkpoint RUN_DIR/best.pth, or --untrained")
+    if checkpoint is not None and preset is not None:
+        raise ValueError("--preset is only used with --untrained: a checkpoint brings its own "
+                         "settings")
     if pca_dim is not None and not pca:
         raise ValueError("--pca-dim is only used with --pca")
     if pca_dim is not None and pca_dim < 1:
@@ -711,7 +717,7 @@ def evaluate_checkpoint(data_root, split="test", checkpoint=None, untrained=Fals
     if save_pca and (not pca or checkpoint is None):
         raise ValueError("--save-pca needs --pca and --checkpoint (it stores the fitted PCA "
                          "beside the checkpoint)")
-    config = get_preset(preset)
+    config = get_preset(preset or "tiny")
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
         ckpt = load_checkpoint(checkpoint)

@@ -622,6 +622,7 @@ def test_an_image_of_another_size_is_a_clear_error(fast_run, micro_city, tmp_pat
     (["--pca", "--pca-dim", "0"], "at least 1"),
     (["--pca", "--pca-dim", "100000"], "larger than possible"),
     (["--pca-dim", "8"], "only used with --pca"),
+    (["--preset", "small"], "only used with --untrained"),
 ])
 def test_conflicting_and_out_of_range_evaluate_flags(argv, message, fast_run, micro_city,
                                                      capsys):
