@@ -127,11 +127,15 @@ def resolve_precision(requested="auto", device="cpu", verbose=True):
 
 
 def amp_supported(device):
-    """Whether bf16 autocast is used on `device` under the old `amp=True` setting.
+    """Whether bf16 autocast is worth using on `device` (CUDA with bf16, or a CPU).
 
-    Kept so that the modules still on `TrainConfig.amp` import; `resolve_precision` replaces it.
+    The previous rule, kept so that the modules still on `TrainConfig.amp` import and behave
+    as before; `resolve_precision` replaces it.
     """
-    return resolve_precision("auto", device, verbose=False).bf16
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu"
 
 
 def autocast(device, enabled=True):
