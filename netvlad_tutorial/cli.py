@@ -14,12 +14,15 @@ def _make_synthetic(args):
 
 
 def _check_data(args):
-    from .data import check_data, format_report
+    from .data import QUERIES_DIR, check_data, format_report
 
     if args.struct is not None and args.split is not None:
         raise ValueError("give either --struct or --split, not both")
+    if args.queries_dir is not None and args.struct is None:
+        raise ValueError("--queries-dir is only used with --struct (a split found by --split "
+                         "or --name brings its own query folder)")
     report = check_data(args.root, struct_file=args.struct, split=args.split, name=args.name,
-                        queries_dir=args.queries_dir, decode=args.decode)
+                        queries_dir=args.queries_dir or QUERIES_DIR, decode=args.decode)
     print(format_report(report))
 
 
@@ -120,7 +123,8 @@ def build_parser():
     p.add_argument("--struct", type=Path, default=None, help="a dbStruct .mat file")
     p.add_argument("--split", default=None, help="train, val or test (instead of --struct)")
     p.add_argument("--name", default=None, help="dataset name, e.g. pitts30k")
-    p.add_argument("--queries-dir", default="queries_real", help="query folder under ROOT")
+    p.add_argument("--queries-dir", default=None,
+                   help="query folder under ROOT, with --struct (default: queries_real)")
     p.add_argument("--decode", action="store_true",
                    help="decode every image fully (catches truncated JPEGs; slower)")
     p.set_defaults(func=_check_data)

@@ -634,6 +634,9 @@ def test_struct_with_split_is_an_error(micro_city, capsys):
     err = _cli_error(capsys, ["check-data", "--root", micro_city, "--struct",
                               "synthetic_val.mat", "--split", "test"])
     assert "--struct" in err and "--split" in err
+    err = _cli_error(capsys, ["check-data", "--root", micro_city, "--split", "test",
+                              "--queries-dir", "elsewhere"])
+    assert "--queries-dir is only used with --struct" in err
 
 
 # ---------------------------------------------------------------------------------------------
