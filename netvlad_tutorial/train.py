@@ -403,10 +403,16 @@ def load_checkpoint(path, expected_config=None):
     ckpt = load_torch_file(path, "checkpoint")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise ValueError(f"{path} is not a checkpoint of this package (no model/model_config)")
-    if expected_config is not None and ckpt["model_config"] != expected_config:
+    if expected_config is not None:
+        check_model_config(ckpt, path, expected_config)
+    return ckpt
+
+
+def check_model_config(ckpt, path, expected_config):
+    """Raise unless checkpoint `ckpt` (read from `path`) is of the model `expected_config`."""
+    if ckpt["model_config"] != expected_config:
         raise ValueError(f"checkpoint {path} was saved for model {ckpt['model_config']}, "
                          f"but this run builds {expected_config}; use the matching --preset")
-    return ckpt
 
 
 def checkpoint_config(ckpt, path, strict=True):
@@ -611,7 +617,7 @@ def train(config, run_dir, resume=False, stop_after=None, overwrite=False):
     history, best_score, best_epoch, start_epoch = [], -1.0, -1, 0
 
     if latest is not None:
-        load_checkpoint(run_dir / "latest.pth", model_config(model))  # same architecture
+        check_model_config(latest, run_dir / "latest.pth", model_config(model))
         _load_weights(model, latest, run_dir / "latest.pth")
         optimizer.load_state_dict(latest["optimizer"])
         scheduler.load_state_dict(latest["scheduler"])
@@ -734,7 +740,7 @@ def evaluate_checkpoint(data_root, split="test", checkpoint=None, untrained=Fals
                                  allow_flat=False)
     model = make_model(config, train_split, device)
     if checkpoint is not None:
-        load_checkpoint(checkpoint, model_config(model))
+        check_model_config(ckpt, checkpoint, model_config(model))
         _load_weights(model, ckpt, checkpoint)
     if pca:
         model.pca = load_or_fit_pca(model, config, train_split, device, pca_dim, checkpoint,
