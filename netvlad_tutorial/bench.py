@@ -50,7 +50,7 @@ from .model import (
     netvlad_loop,
     prepare_for_device,
 )
-from .utils import REPO_ROOT, autocast, native_bf16, resolve_precision
+from .utils import REPO_ROOT, autocast, cache_dir, native_bf16, resolve_precision
 
 PITTS250K_TRAIN = (91_464, 7_824)  # database images, queries
 VIEWS_PER_PLACE = 24  # pitch1/pitch2 x yaw1..12, all at the place's position
@@ -237,7 +237,7 @@ def bench_images(num_images, image_size=None, image_dir=None, seed=0):
         from .synthetic import make_synthetic_city
 
         h, w = image_size
-        root = REPO_ROOT / "data" / "cache" / f"bench_city_{h}x{w}_seed{seed}"
+        root = cache_dir() / f"bench_city_{h}x{w}_seed{seed}"
         if not (root / "netvlad_v100_datasets").is_dir():  # the .mat files are written last
             partial = root.with_name(root.name + ".partial")
             make_synthetic_city(partial, preset="tiny", seed=seed, image_size=(h, w))

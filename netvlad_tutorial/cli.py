@@ -14,10 +14,15 @@ def _make_synthetic(args):
 
 
 def _check_data(args):
-    from .data import check_data, format_report
+    from .data import QUERIES_DIR, check_data, format_report
 
+    if args.struct is not None and args.split is not None:
+        raise ValueError("give either --struct or --split, not both")
+    if args.queries_dir is not None and args.struct is None:
+        raise ValueError("--queries-dir is only used with --struct (a split found by --split "
+                         "or --name brings its own query folder)")
     report = check_data(args.root, struct_file=args.struct, split=args.split, name=args.name,
-                        queries_dir=args.queries_dir, decode=args.decode)
+                        queries_dir=args.queries_dir or QUERIES_DIR, decode=args.decode)
     print(format_report(report))
 
 
@@ -31,7 +36,13 @@ def _train(args):
     config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
     if args.precision:
         config = config.replace(precision=args.precision)
-    train(config, args.out, resume=args.resume)
+    if args.epochs is not None and args.epochs < 1:
+        raise ValueError(f"--epochs must be at least 1, not {args.epochs}")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise ValueError(f"--num-workers must be 0 or more, not {args.num_workers}")
+    if args.resume and args.overwrite:
+        raise ValueError("give either --resume or --overwrite, not both")
+    train(config, args.out, resume=args.resume, overwrite=args.overwrite)
 
 
 def _evaluate(args):
@@ -48,6 +59,7 @@ def _evaluate(args):
         name=args.name,
         device=args.device,
         precision=args.precision,
+        save_pca=args.save_pca,
     )
     if args.json:
         print(json.dumps(result))
@@ -97,6 +109,8 @@ def run_notebooks(paths, timeout=1200):
     import nbformat
     from nbclient import NotebookClient
 
+    from .utils import atomic_write
+
     for path in map(Path, paths):
         start = time.perf_counter()
         nb = nbformat.read(path, as_version=4)
@@ -105,7 +119,8 @@ def run_notebooks(paths, timeout=1200):
                                 resources={"metadata": {"path": str(path.parent)}},
                                 extra_arguments=["--InteractiveShell.display_page=True"])
         client.execute()
-        nbformat.write(squash_progress(nb), path)
+        text = nbformat.writes(squash_progress(nb))
+        atomic_write(path, text if text.endswith("\n") else text + "\n")
         print(f"{path}: executed in {time.perf_counter() - start:.0f} s")
 
 
@@ -145,7 +160,8 @@ def build_parser():
     p.add_argument("--struct", type=Path, default=None, help="a dbStruct .mat file")
     p.add_argument("--split", default=None, help="train, val or test (instead of --struct)")
     p.add_argument("--name", default=None, help="dataset name, e.g. pitts30k")
-    p.add_argument("--queries-dir", default="queries_real", help="query folder under ROOT")
+    p.add_argument("--queries-dir", default=None,
+                   help="query folder under ROOT, with --struct (default: queries_real)")
     p.add_argument("--decode", action="store_true",
                    help="decode every image fully (catches truncated JPEGs; slower)")
     p.set_defaults(func=_check_data)
@@ -155,7 +171,10 @@ def build_parser():
     p.add_argument("--name", default=None, help="dataset name, e.g. pitts30k (default: preset's)")
     p.add_argument("--preset", default="tiny", choices=["tiny", "small", "pitts30k", "pitts250k"])
     p.add_argument("--out", type=Path, required=True, help="run folder for checkpoints and logs")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/latest.pth")
+    p.add_argument("--resume", action="store_true",
+                   help="continue (or extend to more --epochs) the run in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run that --out holds (otherwise refused)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-workers", type=int, default=None)
@@ -170,9 +189,13 @@ def build_parser():
     p.add_argument("--checkpoint", type=Path, default=None)
     p.add_argument("--untrained", action="store_true",
                    help="the same initialization, k-means centroids, no training")
-    p.add_argument("--preset", default="tiny", choices=["tiny", "small", "pitts30k", "pitts250k"])
+    p.add_argument("--preset", default=None, choices=["tiny", "small", "pitts30k", "pitts250k"],
+                   help="with --untrained: the run to mirror (default: tiny)")
     p.add_argument("--pca", action="store_true", help="apply (or fit) PCA whitening")
     p.add_argument("--pca-dim", type=int, default=None)
+    p.add_argument("--save-pca", action="store_true",
+                   help="store a fitted PCA beside the checkpoint (CHECKPOINT.pcaDIM.pth); "
+                        "the checkpoint itself is never written")
     p.add_argument("--device", default=None)
     _add_precision(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -193,13 +216,24 @@ def build_parser():
     return parser
 
 
+def error_message(err):
+    """The message of `err` for the user; an error raised in a DataLoader worker comes with
+    the worker's traceback, of which only the last line (the original error) is kept."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[-1] if ": " in last else last
+    return text
+
+
 def main(argv=None):
-    """Entry point; errors about user input print one clear line and exit 2."""
+    """Entry point; errors about user input, data, files or disks print one clear line (naming
+    the file) and exit 2. OSError covers a read-only folder and a full disk (ENOSPC)."""
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:
+        print(f"error: {error_message(err)}", file=sys.stderr)
         sys.exit(2)
 
 

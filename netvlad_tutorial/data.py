@@ -20,6 +20,8 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
+from .utils import atomic_write, display_path
+
 QUERIES_DIR = "queries_real"
 DATASETS_DIR = Path("netvlad_v100_datasets") / "datasets"
 SPLITS = ("train", "val", "test")
@@ -88,8 +90,64 @@ def _strings(cell):
     return [f[0].item() for f in cell]
 
 
+def _struct_fields(struct, path):
+    """The fields of a loaded `dbStruct`, by MATLAB name: a dict name -> value.
+
+    Read by name (the struct carries its names); only a struct with none of the expected names
+    (e.g. a file written without them) is read by position, in the documented order.
+    """
+    names, values = struct.dtype.names, struct.item()
+    if set(names) & set(MAT_FIELDS_TM):
+        fields = dict(zip(names, values))
+        required = MAT_FIELDS if "dbTimeStamp" not in fields else MAT_FIELDS_TM
+        missing = [n for n in required if n not in fields]
+        if missing:
+            raise DataLayoutError(f"{path}: `dbStruct` lacks the field(s) {', '.join(missing)} "
+                                  f"(found {', '.join(names)}).\n{PITTSBURGH_LAYOUT}")
+        return fields
+    if len(values) == len(MAT_FIELDS):
+        return dict(zip(MAT_FIELDS, values))
+    if len(values) in (12, 13):  # TokyoTM; a 13th field, if any, is not needed
+        return dict(zip(MAT_FIELDS_TM, values[:12]))
+    raise DataLayoutError(f"{path}: `dbStruct` has {len(values)} fields named "
+                          f"{', '.join(names)}, none of the expected names, and not 10 "
+                          f"(or 12/13 for TokyoTM) to read by position.\n{PITTSBURGH_LAYOUT}")
+
+
+def _number(value, name, path):
+    """A scalar field as a Python number, with an error naming the field otherwise."""
+    value = np.asarray(value)
+    if value.size != 1 or not np.issubdtype(value.dtype, np.number):
+        raise DataLayoutError(f"{path}: `dbStruct.{name}` should be one number, found "
+                              f"{value.dtype} of shape {value.shape}.\n{PITTSBURGH_LAYOUT}")
+    return value.item()
+
+
+def _utm(value, name, path):
+    """A 2 x N UTM field as an (N, 2) float64 array; errors name the field."""
+    value = np.asarray(value, np.float64)
+    if value.ndim != 2 or value.shape[0] != 2:
+        if value.size == 0:
+            return np.zeros((0, 2))
+        raise DataLayoutError(f"{path}: `dbStruct.{name}` has shape {value.shape}, expected "
+                              f"2 x N (easting; northing).\n{PITTSBURGH_LAYOUT}")
+    if not np.isfinite(value).all():
+        bad = int((~np.isfinite(value)).any(axis=0).sum())
+        raise DataLayoutError(f"{path}: `dbStruct.{name}` has {bad} position(s) with NaN or "
+                              f"inf coordinates.\n{PITTSBURGH_LAYOUT}")
+    return value.T
+
+
 def parse_db_struct(path):
-    """Read a NetVLAD `.mat` file (Pittsburgh, Tokyo 24/7: 10 fields; TokyoTM: 12 or 13)."""
+    """Read a NetVLAD `.mat` file (Pittsburgh, Tokyo 24/7: 10 fields; TokyoTM: 12 or 13).
+
+    Fields are read by their names; the result is checked: counts against the lists,
+    UTM shapes, finite positions, `posDistSqThr == posDistThr**2`, and
+    `0 < nonTrivPosDistSqThr <= posDistSqThr`.
+
+    Raises:
+        FileNotFoundError, DataLayoutError: one message naming the file and what was expected.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such .mat file.\n{PITTSBURGH_LAYOUT}")
@@ -105,31 +163,46 @@ def parse_db_struct(path):
     if mat["dbStruct"].dtype.names is None or mat["dbStruct"].size != 1:
         raise DataLayoutError(f"{path}: `dbStruct` is not a single MATLAB struct.\n"
                               f"{PITTSBURGH_LAYOUT}")
-    s = mat["dbStruct"].item()
-    if len(s) == 10:
-        (which, db_names, utm_db, q_names, utm_q, num_db, num_q,
-         thr, sq_thr, non_triv) = s
-        db_time = q_time = None
-    elif len(s) in (12, 13):  # TokyoTM; a 13th field, if any, is not needed
-        (which, db_names, utm_db, db_time, q_names, utm_q, q_time, num_db, num_q,
-         thr, sq_thr, non_triv) = s[:12]
-        db_time = db_time.ravel().astype(np.int64)
-        q_time = q_time.ravel().astype(np.int64)
-    else:
-        raise DataLayoutError(f"{path}: `dbStruct` has {len(s)} fields, expected 10 "
-                              f"(or 12/13 for TokyoTM).\n{PITTSBURGH_LAYOUT}")
-    which = which.item()
+    f = _struct_fields(mat["dbStruct"], path)
+    db_time = q_time = None
+    if "dbTimeStamp" in f:
+        db_time = np.asarray(f["dbTimeStamp"]).ravel().astype(np.int64)
+        q_time = np.asarray(f["qTimeStamp"]).ravel().astype(np.int64)
+    which = np.asarray(f["whichSet"]).ravel()
+    which = str(which[0]) if which.size == 1 else ""
     dataset = path.stem.removesuffix(f"_{which}")
-    db = DbStruct(which, dataset, _strings(db_names), np.asarray(utm_db, np.float64).T,
-                  _strings(q_names), np.asarray(utm_q, np.float64).T,
-                  int(num_db.item()), int(num_q.item()),
-                  thr.item(), sq_thr.item(), non_triv.item(), db_time, q_time)
+    try:
+        db_names, q_names = _strings(f["dbImageFns"]), _strings(f["qImageFns"])
+    except (TypeError, IndexError, ValueError) as err:
+        raise DataLayoutError(f"{path}: `dbImageFns`/`qImageFns` are not N x 1 cells of "
+                              f"file names ({err}).\n{PITTSBURGH_LAYOUT}") from err
+    numbers = {n: _number(f[n], n, path) for n in ("numImages", "numQueries", "posDistThr",
+                                                   "posDistSqThr", "nonTrivPosDistSqThr")}
+    db = DbStruct(which, dataset, db_names, _utm(f["utmDb"], "utmDb", path),
+                  q_names, _utm(f["utmQ"], "utmQ", path),
+                  int(numbers["numImages"]), int(numbers["numQueries"]),
+                  numbers["posDistThr"], numbers["posDistSqThr"],
+                  numbers["nonTrivPosDistSqThr"], db_time, q_time)
     _check_counts(db, path)
+    _check_thresholds(db, path)
     return db
 
 
+def _check_thresholds(db, source):
+    """Raise unless the thresholds are consistent: posDistSqThr = posDistThr², 10 m <= 25 m."""
+    thr, sq, non_triv = db.posDistThr, db.posDistSqThr, db.nonTrivPosDistSqThr
+    if not thr > 0 or not np.isclose(sq, thr ** 2, rtol=1e-6):
+        raise DataLayoutError(f"{source}: posDistSqThr ({sq:g}) should be posDistThr² "
+                              f"({thr:g}² = {thr ** 2:g}): fields swapped or damaged?\n"
+                              f"{PITTSBURGH_LAYOUT}")
+    if not 0 < non_triv <= sq:
+        raise DataLayoutError(f"{source}: nonTrivPosDistSqThr ({non_triv:g}) should lie in "
+                              f"(0, posDistSqThr = {sq:g}]: the training positives (e.g. 10² m²) "
+                              f"are within the evaluation radius.\n{PITTSBURGH_LAYOUT}")
+
+
 def _check_counts(db, source):
-    """Raise unless names, positions, timestamps and counts agree."""
+    """Raise unless names, positions, timestamps and counts agree, and the split is not empty."""
     db_sizes = {len(db.dbImage), len(db.utmDb), db.numDb}
     q_sizes = {len(db.qImage), len(db.utmQ), db.numQ}
     if db.dbTimeStamp is not None:
@@ -141,6 +214,10 @@ def _check_counts(db, source):
             f"{source}: sizes disagree: {len(db.dbImage)} dbImage, utmDb {db.utmDb.shape}, "
             f"numDb {db.numDb}; {len(db.qImage)} qImage, utmQ {db.utmQ.shape}, numQ {db.numQ} "
             f"(utm is stored 2 x N).\n{PITTSBURGH_LAYOUT}")
+    if db.numDb == 0 or db.numQ == 0:
+        raise DataLayoutError(f"{source}: the split has {db.numDb} database images and "
+                              f"{db.numQ} queries; both must be at least 1.\n"
+                              f"{PITTSBURGH_LAYOUT}")
 
 
 def _cell(names):
@@ -175,10 +252,7 @@ def save_db_struct(db, path, float_counts=False):
     names = MAT_FIELDS if db.dbTimeStamp is None else MAT_FIELDS_TM
     struct = {k: np.asarray(fields[k])[None] if k.endswith("TimeStamp") else fields[k]
               for k in names}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    savemat(path, {"dbStruct": struct})
-    return path
+    return atomic_write(path, lambda f: savemat(f, {"dbStruct": struct}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,6 +370,13 @@ def load_image(path):
         raise DataLayoutError(f"image {path} cannot be read: {err}") from err
 
 
+def image_size(path):
+    """(width, height) of an image file, from its header; errors name the file."""
+    load_image(path)  # the clear errors of a missing or unreadable file
+    with Image.open(path) as img:
+        return img.size
+
+
 def _check_root(root, queries_dir):
     """Raise unless `root` and its query folder exist."""
     root = Path(root)
@@ -317,17 +398,25 @@ class WholeDataset(Dataset):
         transform: PIL image -> tensor; default `input_transform()`.
     """
 
-    def __init__(self, root, db, transform=None, queries_dir=QUERIES_DIR):
+    def __init__(self, root, db, transform=None, queries_dir=QUERIES_DIR, same_size=False):
         self.root, self.db = _check_root(root, queries_dir), db
         self.transform = transform if transform is not None else input_transform()
         self.paths = ([self.root / name for name in db.dbImage]
                       + [self.root / queries_dir / name for name in db.qImage])
+        self.size = image_size(self.paths[0]) if same_size and self.paths else None
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        return self.transform(load_image(self.paths[i])), i
+        image = load_image(self.paths[i])
+        if self.size is not None and image.size != self.size:
+            raise DataLayoutError(
+                f"image {self.paths[i]} is {image.size[0]}x{image.size[1]} pixels, but "
+                f"{self.paths[0]} is {self.size[0]}x{self.size[1]}: with no image_size set, "
+                "every image must have the same size (resize them, or use a preset that sets "
+                "image_size)")
+        return self.transform(image), i
 
 
 class QueryDataset(Dataset):
@@ -398,27 +487,56 @@ def parse_folder_dataset(folder, pos_dist_thr=25, non_triv_sq=100):
                     len(db_files), len(q_files), pos_dist_thr, pos_dist_thr ** 2, non_triv_sq)
 
 
-def load_split(root, split, name=None):
+def is_flat_folder(root, split):
+    """Whether `split` under `root` would be the one flat VPR folder `root/database` +
+    `root/queries`, which serves every split name (no `.mat`, no `root/{split}/database`)."""
+    root = Path(root)
+    return (not list((root / DATASETS_DIR).glob(f"*_{split}.mat"))
+            and not (root / split / "database").is_dir() and (root / "database").is_dir())
+
+
+def load_split(root, split, name=None, allow_flat=True):
     """Find and read `split` under `root`, in either layout.
 
     Pittsburgh: `root/netvlad_v100_datasets/datasets/*_{split}.mat` (`name`, e.g. "pitts30k",
-    picks one if there are several). Folders: `root/{split}/database` + `root/{split}/queries`,
-    or `root/database` + `root/queries`.
+    picks one if there are several), or `{name}.mat` for a one-split dataset (Tokyo 24/7:
+    `tokyo247.mat`, its `whichSet` "test"). Folders: `root/{split}/database` +
+    `root/{split}/queries`, or `root/database` + `root/queries` (one flat folder, used as the
+    split asked for).
+
+    Args:
+        allow_flat: accept the flat folder; training refuses it (`allow_flat=False`), since
+            the same images would be train, val and test.
     """
     root = Path(root)
     mats = sorted((root / DATASETS_DIR).glob(f"*_{split}.mat"))
     if name is not None:
         mats = [m for m in mats if m.name == f"{name}_{split}.mat"]
+        single = root / DATASETS_DIR / f"{name}.mat"  # one file, one split: tokyo247.mat
+        if not mats and single.is_file():
+            db = parse_db_struct(single)
+            if db.whichSet != split:
+                raise DataLayoutError(f"{single} holds the '{db.whichSet}' split, not "
+                                      f"'{split}'; use --split {db.whichSet}")
+            return Split(db, root, QUERIES_DIR)
     if len(mats) == 1:
         return Split(parse_db_struct(mats[0]), root, QUERIES_DIR)
     if len(mats) > 1:
         choices = [m.name.removesuffix(f"_{split}.mat") for m in mats]
         raise DataLayoutError(f"several '{split}' files in {root / DATASETS_DIR}: "
                               f"{[m.name for m in mats]}; pick one with name= (one of {choices})")
-    for folder in (root / split, root):
-        if (folder / "database").is_dir():
-            db = parse_folder_dataset(folder)
-            return Split(db._replace(whichSet=split), folder, "queries")
+    if (root / split / "database").is_dir():
+        db = parse_folder_dataset(root / split)
+        return Split(db._replace(whichSet=split), root / split, "queries")
+    if (root / "database").is_dir():
+        if not allow_flat:
+            raise DataLayoutError(
+                f"{root} is one flat VPR folder (database/ + queries/) with no separate "
+                f"'{split}' split: training on it would use its test images for training and "
+                f"validation. Give training {root}/train/, {root}/val/ (each with database/ and "
+                "queries/); `evaluate --split NAME` reads the flat folder as split NAME.")
+        db = parse_folder_dataset(root)
+        return Split(db._replace(whichSet=split), root, "queries")
     wanted = struct_path(root, name or "NAME", split)
     raise FileNotFoundError(f"no '{split}' split under {root}: neither {wanted} nor "
                             f"{root / split / 'database'} exists.\n{PITTSBURGH_LAYOUT}\n"
@@ -527,7 +645,7 @@ def format_report(report):
     def spread(s):
         return f"{s['min']} / {s['median']:g} / {s['max']}"
 
-    lines = [f"data root: {report['root']}",
+    lines = [f"data root: {display_path(report['root'])}",
              f"{'split':<22}{'db':>8}{'queries':>9}   {'eval positives':<16}"
              f"{'train positives':<17}{'no train positive':>17}",
              f"{'':<39}   (per query: min / median / max)"]

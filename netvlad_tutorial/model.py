@@ -19,7 +19,7 @@ from torchvision.models import VGG16_Weights
 from torchvision.models.vgg import cfgs, make_layers
 from tqdm import tqdm
 
-from .utils import REPO_ROOT, Precision, atomic_save, resolve_precision
+from .utils import Precision, atomic_save, cache_dir, load_torch_file, resolve_precision
 
 ENCODER_NAME = "vgg16_conv5"
 IMAGENET_URL = VGG16_Weights.IMAGENET1K_V1.url
@@ -275,12 +275,13 @@ def _weights_key(encoder):
 
 
 def centroids_cache_path(model, dataset, num_images=500, per_image=100):
-    """Default cache file of `init_netvlad`: `data/cache/`, keyed by encoder, dataset and K."""
+    """Default cache file of `init_netvlad` in `utils.cache_dir()`, keyed by encoder, dataset
+    and K."""
     db = getattr(dataset, "db", None)
     data = f"{db.dataset}_{db.whichSet}" if db is not None else type(dataset).__name__
     name = (f"centroids_{getattr(model.encoder, 'name', 'encoder')}_{_weights_key(model.encoder)}"
             f"_{data}{_num_db(dataset)}_K{model.pool.num_clusters}_{num_images}x{per_image}.pt")
-    return REPO_ROOT / "data" / "cache" / name
+    return cache_dir() / name
 
 
 def init_netvlad(model, dataset, cache_path=None, num_images=500, per_image=100, iters=100,
@@ -302,9 +303,13 @@ def init_netvlad(model, dataset, cache_path=None, num_images=500, per_image=100,
     if cache_path is None:
         cache_path = centroids_cache_path(model, dataset, num_images, per_image)
     cache_path = Path(cache_path)
+    init = None
     if cache_path.exists():
-        init = torch.load(cache_path, map_location="cpu", weights_only=True)
-    else:
+        try:
+            init = load_torch_file(cache_path, "centroid cache")
+        except ValueError as err:  # a damaged cache file is computed again
+            print(f"{err}; computing the centroids again")
+    if init is None:
         descs = sample_local_descriptors(model.encoder, dataset, num_images, per_image,
                                          batch_size, num_workers, device, precision, seed)
         centroids = kmeans_centroids(descs, model.pool.num_clusters, iters, seed)

@@ -19,6 +19,9 @@ Train, val and test lie in different neighbourhoods, more than a kilometre apart
 
 import json
 import math
+import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,6 +31,7 @@ from scipy.spatial import cKDTree
 from tqdm import tqdm
 
 from .data import QUERIES_DIR, SPLITS, DbStruct, load_split, save_db_struct, struct_path
+from .utils import atomic_json, atomic_write, fault_point
 
 DATASET_NAME = "synthetic"
 ORIGIN = (585_000.0, 4_477_000.0)  # UTM zone 17T (easting, northing), as in Pittsburgh
@@ -506,8 +510,7 @@ def _name(index, pitch, yaw):
 
 def _save(image, path):
     """Write a JPEG (fixed quality: same pixels, same bytes)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, "JPEG", quality=JPEG_QUALITY)
+    atomic_write(path, lambda f: image.save(f, "JPEG", quality=JPEG_QUALITY), sync=False)
 
 
 def _make_split(root, split, preset, image_size, rng, styles, first_place, first_query):
@@ -553,30 +556,81 @@ def make_synthetic_city(root, preset="tiny", seed=0, image_size=None):
     """Write a synthetic city at `root` in the Pittsburgh layout; return `root` as a Path.
 
     Deterministic: the same arguments give byte-identical images and the same `.mat` contents.
-    The `.mat` files are written last, so a city with all three is complete.
+    The city is generated into a temporary folder next to `root` and swapped in at the end, so
+    a kill leaves the old city (or nothing), never a mix. `root` must be absent, an empty
+    folder, or one of our cities: any other folder is refused, never written into.
 
     Args:
         preset: "tiny" or "small" (see `PRESETS`).
         seed: the city (streets, buildings, captures) drawn from `np.random.default_rng`.
         image_size: (H, W) to override the preset's, e.g. (480, 640) like Pittsburgh.
+
+    Raises:
+        FileExistsError: `root` holds files that are not a synthetic city.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     config = PRESETS[preset]
     image_size = tuple(image_size or config.image_size)
     root = Path(root)
+    _check_replaceable(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(root)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.", suffix=".partial"))
+    try:
+        _write_city(tmp, config, preset, seed, image_size)
+        fault_point("synthetic:written")
+        old = None
+        if root.exists():  # an empty folder or our own city: move it aside, then swap
+            old = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.",
+                                        suffix=".partial"))
+            os.replace(root, old / root.name)
+        os.replace(tmp, root)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return root
+
+
+def _is_city(root):
+    """Whether `root` holds one of our cities (its stamp, or an older city's train `.mat`)."""
+    return (root / STAMP_NAME).is_file() or struct_path(root, DATASET_NAME, "train").is_file()
+
+
+def _check_replaceable(root):
+    """Raise unless `root` is absent, an empty folder, or a synthetic city."""
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise FileExistsError(f"{root} is a file, not a folder; choose another --out")
+    if any(root.iterdir()) and not _is_city(root):
+        raise FileExistsError(f"{root} is not empty and is not a synthetic city (no "
+                              f"{STAMP_NAME}): refusing to write into it; choose an empty or "
+                              "new folder")
+
+
+def _remove_leftovers(root):
+    """Delete the temporary folders `.ROOTNAME.*.partial` that a killed generation left."""
+    for leftover in root.parent.glob(f".{root.name}.*.partial"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _write_city(root, config, preset, seed, image_size):
+    """Every image, then the `.mat` files, then the stamp, into `root`."""
     styles = make_styles(np.random.default_rng([seed, 0]))
     structs, place, query = [], 0, 0
     for i, split in enumerate(SPLITS, start=1):
         db = _make_split(root, split, config, image_size, np.random.default_rng([seed, i]),
                          styles, place, query)
         structs.append(db)
+        fault_point("synthetic:split")
         place += db.numDb // (config.num_yaws * len(config.pitches))
         query += db.numQ
     for db in structs:
         save_db_struct(db, struct_path(root, DATASET_NAME, db.whichSet))
-    (root / STAMP_NAME).write_text(json.dumps(city_stamp(preset, seed, image_size), indent=1))
-    return root
+    atomic_json(city_stamp(preset, seed, image_size), root / STAMP_NAME)
 
 
 STAMP_NAME = "synthetic_city.json"

@@ -7,6 +7,7 @@ presets -> building the pieces -> one epoch -> the whole run -> evaluating a che
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import random
@@ -19,7 +20,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from . import __version__
 from .data import (
+    DataLayoutError,
     NegativeSampler,
     WholeDataset,
     eval_positives,
@@ -37,7 +40,19 @@ from .features import (
 )
 from .mining import NegativeCache, TripletDataset, collate_fn, mine_triplets, triplet_loss
 from .model import PCAWhitening, build_model, fit_pca_whitening, init_netvlad, model_config
-from .utils import REPO_ROOT, atomic_save, get_device, resolve_precision, set_seed
+from .utils import (
+    atomic_json,
+    atomic_save,
+    atomic_write,
+    cache_dir,
+    display_path,
+    fault_point,
+    get_device,
+    load_torch_file,
+    remove_temporary_files,
+    resolve_precision,
+    set_seed,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Presets
@@ -86,6 +101,36 @@ class TrainConfig:
         """A copy with `changes` applied."""
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def from_dict(cls, d, source="the configuration", strict=True, version=None):
+        """A `TrainConfig` from a dict read from a file (`config.json`, a checkpoint).
+
+        Older files are mapped: `amp: true/false` becomes `precision: "auto"/"fp32"`;
+        `image_size` lists become tuples.
+
+        Args:
+            source: the file, for the error message.
+            strict: refuse settings this version does not know; else drop them (with a note).
+            version: the package version that wrote the file, for the error message.
+        """
+        d, names = dict(d), {f.name for f in dataclasses.fields(cls)}
+        if "amp" in d and "amp" not in names:
+            d["precision"] = "auto" if d.pop("amp") else "fp32"
+        unknown = sorted(set(d) - names)
+        if unknown:
+            by = f"netvlad_tutorial {version}" if version else "another version"
+            message = (f"{source} has settings unknown to netvlad_tutorial {__version__}: "
+                       f"{', '.join(unknown)} (written by {by})")
+            if strict:
+                raise ValueError(f"{message}; continue it with that version, or start a new "
+                                 "run (a new --out)")
+            print(f"{message}; ignored")
+            for key in unknown:
+                d.pop(key)
+        if d.get("image_size") is not None:
+            d["image_size"] = tuple(d["image_size"])
+        return cls(**d)
+
 
 PRESETS = {
     # The synthetic city on 2 CPU cores: about two minutes. Random initialization (no ImageNet
@@ -125,13 +170,33 @@ def get_preset(name):
 
 
 def resolve_device(config):
-    """The device of a run: the configured one, else CUDA if available, else CPU."""
-    return torch.device(config.device) if config.device else get_device()
+    """The device of a run: the configured one, else CUDA if available, else CPU.
+
+    Raises:
+        ValueError: an unknown device name, or one that is not available here.
+    """
+    return check_device(config.device) if config.device else get_device()
 
 
-def cache_dir():
-    """Where centroids and other derived files are kept (git-ignored)."""
-    return REPO_ROOT / "data" / "cache"
+def check_device(name):
+    """`torch.device(name)` if this machine has it; a clear ValueError otherwise."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {name!r} (use cpu, cuda, cuda:N or mps)") from err
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {name!r}: no CUDA GPU is available here; use --device "
+                             "cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {name!r}: this machine has {count} CUDA GPU(s), "
+                             f"cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r}: MPS is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {name!r} is not supported (use cpu, cuda, cuda:N or mps)")
+    return device
 
 
 def data_fingerprint(split):
@@ -162,19 +227,32 @@ def centroids_path(config, split):
 
 
 def whole_dataset(split, config):
-    """Database then query images of `split`, resized as configured."""
+    """Database then query images of `split`, resized as configured (with no `image_size`,
+    an image of another size than the first is a clear error, not a failed batch)."""
     return WholeDataset(split.root, split.db, transform=input_transform(config.image_size),
-                        queries_dir=split.queries_dir)
+                        queries_dir=split.queries_dir, same_size=config.image_size is None)
 
 
 def make_model(config, train_split, device):
-    """VGG16-conv5 + NetVLAD, seeded, with k-means centroids (computed once, then cached)."""
+    """VGG16-conv5 + NetVLAD, seeded, with k-means centroids (computed once, then cached).
+
+    Args:
+        train_split: the split to draw k-means descriptors from; None when the weights come
+            from a checkpoint (no k-means, no centroid cache, no training data, and no
+            pretrained encoder file needed).
+    """
     set_seed(config.seed)
-    model = build_model(num_clusters=config.num_clusters, weights=config.weights,
-                        train_all=config.train_all)
+    if train_split is None:  # no pretrained file is read: the checkpoint holds every weight
+        train_all = config.train_all if config.train_all is not None else config.weights is None
+        model = build_model(num_clusters=config.num_clusters, weights=None, train_all=train_all)
+    else:
+        model = build_model(num_clusters=config.num_clusters, weights=config.weights,
+                            train_all=config.train_all)
     if config.freeze_encoder:
         model.encoder.requires_grad_(False)
     model.to(device)
+    if train_split is None:
+        return model
     init_netvlad(model, whole_dataset(train_split, config),
                  cache_path=centroids_path(config, train_split),
                  num_images=config.kmeans_images, per_image=config.kmeans_per_image,
@@ -400,104 +478,265 @@ def _set_rng_states(rng, states):
     random.setstate(states["python"])
 
 
+RUN_FILES = ("latest.pth", "best.pth", "log.json", "log.csv", "finished", "config.json",
+             "data.json")
+# Settings that may change between the runs of one folder (`--resume`): not part of its identity.
+RESUMABLE_CHANGES = ("epochs", "precision", "device", "num_workers", "cache_storage",
+                     "feature_cache")
+
+
 def load_checkpoint(path, expected_config=None):
-    """Load a checkpoint, with clear errors for a missing file or another model configuration."""
+    """Load a checkpoint (never running code: `utils.load_torch_file`), with clear errors.
+
+    Args:
+        expected_config: the `model_config` the checkpoint must have, if given.
+
+    Raises:
+        FileNotFoundError, ValueError: one line naming the file and what was expected.
+    """
     path = Path(path)
     if not path.is_file():
+        hint = ""
+        if path.name == "best.pth" and (path.parent / "latest.pth").is_file():
+            hint = (f"; {path.parent} holds an interrupted run: `train --resume --out "
+                    f"{path.parent}` completes it and writes {path.name}")
         raise FileNotFoundError(f"checkpoint {path} not found (expected RUN_DIR/best.pth or "
-                                "RUN_DIR/latest.pth, written by `netvlad_tutorial train`)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+                                f"RUN_DIR/latest.pth, written by `netvlad_tutorial train`){hint}")
+    ckpt = load_torch_file(path, "checkpoint")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise ValueError(f"{path} is not a checkpoint of this package (no model/model_config)")
-    if expected_config is not None and ckpt["model_config"] != expected_config:
-        raise ValueError(f"checkpoint {path} was saved for model {ckpt['model_config']}, "
-                         f"but this run builds {expected_config}; use the matching --preset")
+    if expected_config is not None:
+        check_model_config(ckpt, path, expected_config)
     return ckpt
 
 
+def check_model_config(ckpt, path, expected_config):
+    """Raise unless checkpoint `ckpt` (read from `path`) is of the model `expected_config`."""
+    if ckpt["model_config"] != expected_config:
+        raise ValueError(f"checkpoint {path} was saved for model {ckpt['model_config']}, "
+                         f"but this run builds {expected_config}; use the matching --preset")
+
+
+def checkpoint_config(ckpt, path, strict=True):
+    """The `TrainConfig` stored in checkpoint `ckpt` (read from `path`), see `from_dict`."""
+    if not isinstance(ckpt.get("config"), dict):
+        raise ValueError(f"{path} is not a checkpoint of this package (no config)")
+    return TrainConfig.from_dict(ckpt["config"], source=str(path), strict=strict,
+                                 version=ckpt.get("version"))
+
+
+def _load_weights(model, ckpt, path):
+    """`model.load_state_dict(ckpt["model"])` with a clear error when they do not fit."""
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError, TypeError) as err:
+        first = str(err).strip().splitlines()[0]
+        by = ckpt.get("version", "an older or newer version")
+        raise ValueError(f"{path}: its weights do not fit the model of netvlad_tutorial "
+                         f"{__version__} (written by {by}): {first}") from err
+
+
+def _check_best_is_current(path, ckpt):
+    """Raise if `path` is a run's `best.pth` that is behind its `latest.pth` (a run stopped
+    between the two writes of one epoch); `train --resume` repairs it."""
+    latest = path.parent / "latest.pth"
+    if path.name != "best.pth" or not latest.is_file():
+        return
+    best_epoch = load_checkpoint(latest).get("best_epoch")
+    if best_epoch is not None and ckpt.get("epoch") != best_epoch:
+        raise ValueError(f"{path} holds epoch {ckpt.get('epoch')}, but {latest} says the best "
+                         f"is epoch {best_epoch}: the run stopped while saving; `train --resume "
+                         f"--out {path.parent}` repairs it")
+
+
 def _write_log(run_dir, history):
-    """`log.csv` and `log.json`: one row per epoch."""
-    atomic_json = run_dir / "log.json.tmp"
-    atomic_json.write_text(json.dumps(history, indent=1))
-    atomic_json.replace(run_dir / "log.json")
-    with open(run_dir / "log.csv.tmp", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
-    (run_dir / "log.csv.tmp").replace(run_dir / "log.csv")
+    """`log.csv` and `log.json`: one row per epoch, each written atomically."""
+    atomic_json(history, run_dir / "log.json")
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(history[0]) if history else ["epoch"],
+                            lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write(run_dir / "log.csv", text.getvalue())
 
 
 def _config_json(config):
     return json.loads(json.dumps(dataclasses.asdict(config)))  # tuples become lists
 
 
+def _same_path(a, b):
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def _read_json(path):
+    """A JSON file of a run folder, with a clear error when it is damaged."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is not readable JSON ({err}); the run folder is damaged: use "
+                         "a new --out, or --overwrite to start this one again") from err
+
+
 def _check_run_config(run_dir, config, train_split=None):
     """Refuse to mix runs: `run_dir` must hold no run, or one with this same configuration
-    (and, given `train_split`, trained on the same data: see `data_fingerprint`)."""
+    (and, given `train_split`, trained on the same data: see `data_fingerprint`).
+
+    Data roots are compared as resolved paths; `RESUMABLE_CHANGES` (epochs, precision,
+    device, workers) may differ, so a finished run can be extended with more epochs.
+    """
     config_file = run_dir / "config.json"
-    if not config_file.exists() or not (run_dir / "latest.pth").exists():
+    if not config_file.exists():
         return
-    saved, wanted = json.loads(config_file.read_text()), _config_json(config)
-    if saved != wanted:
-        changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
+    saved = _config_json(TrainConfig.from_dict(_read_json(config_file), source=str(config_file)))
+    wanted = _config_json(config)
+    changed = sorted(k for k in wanted if k not in RESUMABLE_CHANGES and saved.get(k) != wanted[k]
+                     and not (k == "data_root" and _same_path(saved[k], wanted[k])))
+    if changed:
         raise ValueError(f"{run_dir} holds a run with another configuration (changed: "
-                         f"{', '.join(changed)}); use a new --out folder or delete {run_dir}")
+                         f"{', '.join(changed)}); resume it with its own settings, give a new "
+                         "--out, or --overwrite to replace it")
     data_file = run_dir / "data.json"
     if train_split is not None and data_file.exists():
-        saved = json.loads(data_file.read_text()).get("train_fingerprint")
+        saved = _read_json(data_file).get("train_fingerprint")
         if saved != data_fingerprint(train_split):
             raise ValueError(f"{run_dir} holds a run trained on other data than "
-                             f"{train_split.root} (was the city regenerated?); use a new --out "
-                             f"folder or delete {run_dir}")
+                             f"{train_split.root} (was the city regenerated?); give its data, "
+                             "a new --out, or --overwrite to replace it")
 
 
-def train(config, run_dir, resume=False, stop_after=None):
+def _check_run_dir(run_dir, resume, overwrite):
+    """Refuse to reuse `run_dir` silently; returns the run files it holds.
+
+    Without `resume` a folder holding a run is refused unless `overwrite`; `resume` needs its
+    `latest.pth` when anything else of a run (best.pth, a log, `finished`) is there.
+    """
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if found and not resume and not overwrite:
+        raise ValueError(f"{run_dir} already holds a run ({', '.join(found)}); give --resume to "
+                         "continue it, a new --out, or --overwrite to replace it")
+    if resume and not (run_dir / "latest.pth").exists() and set(found) - {"config.json",
+                                                                           "data.json"}:
+        raise ValueError(f"{run_dir} has {', '.join(found)} but no latest.pth, so it cannot be "
+                         "resumed; give a new --out, or --overwrite to replace it")
+    return found
+
+
+def _clean_run_dir(run_dir, found, overwrite):
+    """Delete the old run's files (with `overwrite`) and the temporary files of killed writes."""
+    if overwrite:
+        for name in found:
+            (run_dir / name).unlink()
+        for path in run_dir.glob("*.pca*.pth"):  # PCA files of the replaced checkpoints
+            path.unlink()
+    for path in remove_temporary_files(run_dir):
+        print(f"Removed {display_path(path)}, left by an interrupted write")
+
+
+def _commit_epoch(run_dir, ckpt, is_best):
+    """The end of an epoch, in an order that `--resume` can always check and repair:
+
+    1. `latest.pth`: the commit; it holds the history and the best epoch's number;
+    2. `best.pth`, if this epoch is the best (a kill before it: `_repair_run` copies latest);
+    3. `log.json`, `log.csv` (a kill before them: rewritten from latest's history).
+    """
+    atomic_save(ckpt, run_dir / "latest.pth")
+    if is_best:
+        atomic_save(ckpt, run_dir / "best.pth")
+    _write_log(run_dir, ckpt["history"])
+
+
+def _repair_run(run_dir, latest):
+    """After a kill: bring `best.pth` and the logs up to the committed `latest.pth`."""
+    best_path = run_dir / "best.pth"
+    best_epoch = latest["best_epoch"]
+    try:
+        best = load_checkpoint(best_path) if best_path.exists() else None
+    except ValueError:
+        best = None
+    if best is None or best.get("epoch") != best_epoch:
+        if best_epoch != latest["epoch"]:
+            raise ValueError(f"{best_path} should hold epoch {best_epoch} (the best by "
+                             f"{run_dir / 'latest.pth'}), but holds "
+                             f"{'nothing readable' if best is None else best.get('epoch')}; "
+                             "it cannot be rebuilt: give a new --out, or --overwrite")
+        print(f"Repairing {display_path(best_path)}: epoch {best_epoch}, from latest.pth")
+        atomic_save(latest, best_path)
+    _write_log(run_dir, latest["history"])
+
+
+def train(config, run_dir, resume=False, stop_after=None, overwrite=False):
     """Train NetVLAD; checkpoints `latest.pth` and `best.pth` (by val R@5) in `run_dir`.
 
     Args:
         config: a `TrainConfig` (see `PRESETS`).
         run_dir: the run folder; `--resume` continues from its `latest.pth`.
-        resume: continue an interrupted run with the same final weights as an uninterrupted one.
+        resume: continue an interrupted run with the same final weights as an uninterrupted one
+            (or extend a finished one to more `epochs`); a folder with no run starts fresh.
         stop_after: stop after this many epochs in this call (simulates an interruption).
+        overwrite: replace the run that `run_dir` holds (else it is refused without `resume`).
 
     Returns:
         the per-epoch history (list of dicts), also in `run_dir/log.json` and `log.csv`.
+
+    Raises:
+        ValueError, FileNotFoundError, OSError: with one line naming the file and the choices.
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume and overwrite:
+        raise ValueError("give either resume or overwrite, not both")
+    if config.epochs < 1:
+        raise ValueError(f"epochs is {config.epochs}: a run needs at least 1 epoch")
+    found = _check_run_dir(run_dir, resume, overwrite)
     device = resolve_device(config)
-    train_split = load_split(config.data_root, "train", name=config.dataset)
-    val_split = load_split(config.data_root, "val", name=config.dataset)
-    _check_run_config(run_dir, config, train_split)
+    train_split = load_split(config.data_root, "train", name=config.dataset, allow_flat=False)
+    val_split = load_split(config.data_root, "val", name=config.dataset, allow_flat=False)
+    positives = train_positives(train_split.db)
+    if not any(len(p) for p in positives):
+        raise DataLayoutError(
+            f"the train split of {train_split.root} ({train_split.db.dataset}) has no query "
+            f"with a training positive (a database image within "
+            f"sqrt(nonTrivPosDistSqThr) = {train_split.db.nonTrivPosDistSqThr ** 0.5:g} m): "
+            "there is nothing to train on")
+    latest = None
+    if resume and (run_dir / "latest.pth").exists():
+        _check_run_config(run_dir, config, train_split)
+        latest = load_checkpoint(run_dir / "latest.pth")
+        checkpoint_config(latest, run_dir / "latest.pth", strict=True)
+    _clean_run_dir(run_dir, found, overwrite)
+    if resume and latest is None:
+        print(f"No {display_path(run_dir / 'latest.pth')} yet: starting from scratch")
+    # Written before k-means: a read-only or full --out is found at once.
+    atomic_json(_config_json(config), run_dir / "config.json")
+    atomic_json({"data_root": str(config.data_root),
+                 "train_fingerprint": data_fingerprint(train_split)}, run_dir / "data.json")
 
     model = make_model(config, train_split, device)
     optimizer, scheduler = make_optimizer(config, model)
     rng = np.random.default_rng(config.seed)
-    positives = train_positives(train_split.db)
     state = {"split": train_split, "positives": positives,
              "sampler": NegativeSampler(train_split.db), "rng": rng,
              "neg_cache": NegativeCache(train_split.db.numQ, config.n_neg),
-             "work_dir": run_dir,
-             "features": make_feature_cache(model, train_split, val_split, config, device,
-                                            run_dir)}
+             "work_dir": run_dir}
     history, best_score, best_epoch, start_epoch = [], -1.0, -1, 0
 
-    if resume and (run_dir / "latest.pth").exists():
-        ckpt = load_checkpoint(run_dir / "latest.pth", model_config(model))
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        state["neg_cache"].load_state_dict(ckpt["neg_cache"])
-        _set_rng_states(rng, ckpt["rng"])
-        history, best_score, best_epoch = ckpt["history"], ckpt["best_score"], ckpt["best_epoch"]
-        start_epoch = ckpt["epoch"] + 1
-        print(f"Resuming {run_dir} after epoch {ckpt['epoch']}")
-    elif resume:
-        print(f"No {run_dir / 'latest.pth'} yet: starting from scratch")
+    if latest is not None:
+        check_model_config(latest, run_dir / "latest.pth", model_config(model))
+        _load_weights(model, latest, run_dir / "latest.pth")
+        optimizer.load_state_dict(latest["optimizer"])
+        scheduler.load_state_dict(latest["scheduler"])
+        state["neg_cache"].load_state_dict(latest["neg_cache"])
+        _set_rng_states(rng, latest["rng"])
+        history, best_score, best_epoch = (latest["history"], latest["best_score"],
+                                           latest["best_epoch"])
+        start_epoch = latest["epoch"] + 1
+        _repair_run(run_dir, latest)
+        if start_epoch < config.epochs:
+            (run_dir / "finished").unlink(missing_ok=True)  # more epochs to go
+        print(f"Resuming {display_path(run_dir)} after epoch {latest['epoch']}")
+        del latest
+    # A frozen encoder (the tiny preset) is run once per image here, not in every epoch.
+    state["features"] = make_feature_cache(model, train_split, val_split, config, device, run_dir)
 
-    (run_dir / "config.json").write_text(json.dumps(_config_json(config), indent=1))
-    (run_dir / "data.json").write_text(json.dumps(
-        {"data_root": str(config.data_root), "train_fingerprint": data_fingerprint(train_split)}))
     epochs_run = 0
     for epoch in range(start_epoch, config.epochs):
         if epoch - best_epoch > config.patience and best_epoch >= 0:
@@ -505,32 +744,34 @@ def train(config, run_dir, resume=False, stop_after=None):
             break
         t0 = time.perf_counter()
         stats = train_epoch(model, optimizer, state, config, device)
+        fault_point("epoch-trained")
+        if stats["tuples"] == 0:
+            print(f"epoch {epoch}: no tuple to train on ({stats['skipped']} queries skipped: "
+                  "no negative violates the margin)")
         scheduler.step()
         recalls = evaluate_split(model, val_split, config, device,
                                  features=getattr(state["features"], "val", None))
         row = {"epoch": epoch, **stats, "lr": optimizer.param_groups[0]["lr"],
-               **{f"recall@{n}": r for n, r in recalls.items()},
+               **{f"recall@{n}": float(r) for n, r in recalls.items()},
                "seconds": round(time.perf_counter() - t0, 2)}
         history.append(row)
         is_best = recalls[5] > best_score
         if is_best:
-            best_score, best_epoch = recalls[5], epoch
+            best_score, best_epoch = float(recalls[5]), epoch
         ckpt = {"config": dataclasses.asdict(config), "model_config": model_config(model),
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch,
                 "neg_cache": state["neg_cache"].state_dict(), "rng": _rng_states(rng),
-                "history": history, "best_score": best_score, "best_epoch": best_epoch}
-        atomic_save(ckpt, run_dir / "latest.pth")
-        if is_best:
-            atomic_save(ckpt, run_dir / "best.pth")
-        _write_log(run_dir, history)
+                "history": history, "best_score": best_score, "best_epoch": best_epoch,
+                "version": __version__}
+        _commit_epoch(run_dir, ckpt, is_best)
         print(f"epoch {epoch}: loss {stats['loss']:.4f}, val R@1 {recalls[1]:.3f} "
               f"R@5 {recalls[5]:.3f} ({row['seconds']:.0f} s){' *best*' if is_best else ''}")
         epochs_run += 1
         if stop_after is not None and epochs_run >= stop_after:
             return history
-    (run_dir / "finished").write_text(json.dumps({"best_epoch": best_epoch,
-                                                  "best_recall@5": best_score}))
+    atomic_json({"best_epoch": best_epoch, "best_recall@5": best_score,
+                 "epochs": len(history)}, run_dir / "finished")
     return history
 
 
@@ -543,15 +784,15 @@ def load_trained(config, run_dir, device=None):
         (model, history): the model with the best checkpoint's weights, and the epoch log.
     """
     run_dir = Path(run_dir)
-    train_split = load_split(config.data_root, "train", name=config.dataset)
+    train_split = load_split(config.data_root, "train", name=config.dataset, allow_flat=False)
     _check_run_config(run_dir, config, train_split)
     if not (run_dir / "finished").exists():
         train(config, run_dir, resume=True)
-    device = torch.device(device) if device else resolve_device(config)
-    model = make_model(config, train_split, device)
+    device = check_device(device) if device else resolve_device(config)
+    model = make_model(config, None, device)  # the weights come from best.pth
     ckpt = load_checkpoint(run_dir / "best.pth", model_config(model))
-    model.load_state_dict(ckpt["model"])
-    return model, json.loads((run_dir / "log.json").read_text())
+    _load_weights(model, ckpt, run_dir / "best.pth")
+    return model, _read_json(run_dir / "log.json")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -560,38 +801,57 @@ def load_trained(config, run_dir, device=None):
 
 
 def evaluate_checkpoint(data_root, split="test", checkpoint=None, untrained=False,
-                        preset="tiny", pca=False, pca_dim=None, name=None, device=None,
-                        precision=None):
+                        preset=None, pca=False, pca_dim=None, name=None, device=None,
+                        precision=None, save_pca=False):
     """Recall@N of a trained checkpoint, or of the untrained model (`untrained=True`).
 
-    The untrained model is built exactly as training starts: the same seed and k-means centroids.
-    With `pca`, whitening is fitted on up to 10,000 training-database descriptors (or taken from
-    the checkpoint when it has one).
+    The untrained model is built exactly as training starts (`preset`, default "tiny"): the same
+    seed and k-means centroids.
+    A checkpoint needs only the split evaluated: no train split, no centroid cache. With `pca`,
+    whitening is taken from the checkpoint or the file beside it (`pca_path`) when it has one of
+    that size, else fitted on up to 10,000 training-database descriptors. The checkpoint is
+    never written; `save_pca` stores a fitted layer in `pca_path(checkpoint, dim)`.
 
     Returns:
         dict with `recall@N` for N in `RECALL_VALUES`, plus `split`, `dim` and `num_queries`.
     """
+    if checkpoint is not None and untrained:
+        raise ValueError("give either --checkpoint or --untrained, not both")
     if checkpoint is None and not untrained:
         raise ValueError("give --checkpoint RUN_DIR/best.pth, or --untrained")
-    config = get_preset(preset)
+    if checkpoint is not None and preset is not None:
+        raise ValueError("--preset is only used with --untrained: a checkpoint brings its own "
+                         "settings")
+    if pca_dim is not None and not pca:
+        raise ValueError("--pca-dim is only used with --pca")
+    if pca_dim is not None and pca_dim < 1:
+        raise ValueError(f"--pca-dim must be at least 1, not {pca_dim}")
+    if save_pca and (not pca or checkpoint is None):
+        raise ValueError("--save-pca needs --pca and --checkpoint (it stores the fitted PCA "
+                         "beside the checkpoint)")
+    config = get_preset(preset or "tiny")
     if checkpoint is not None:
+        checkpoint = Path(checkpoint)
         ckpt = load_checkpoint(checkpoint)
-        config = TrainConfig(**{**ckpt["config"], "image_size": _tuple(ckpt["config"])})
+        _check_best_is_current(checkpoint, ckpt)
+        config = checkpoint_config(ckpt, checkpoint, strict=False)
     config = config.replace(data_root=str(data_root),
                             **({"precision": precision} if precision else {}),
                             **({"dataset": name} if name else {}),
                             **({"device": device} if device else {}))
     device = resolve_device(config)
-    train_split = load_split(config.data_root, "train", name=config.dataset)
     eval_split = load_split(config.data_root, split, name=config.dataset)
+    train_split = None
+    if untrained:
+        train_split = load_split(config.data_root, "train", name=config.dataset,
+                                 allow_flat=False)
     model = make_model(config, train_split, device)
     if checkpoint is not None:
-        load_checkpoint(checkpoint, model_config(model))
-        model.load_state_dict(ckpt["model"])
+        check_model_config(ckpt, checkpoint, model_config(model))
+        _load_weights(model, ckpt, checkpoint)
     if pca:
-        model.pca = load_or_fit_pca(model, config, train_split, device, pca_dim,
-                                    checkpoint if checkpoint is not None and not untrained
-                                    else None)
+        model.pca = load_or_fit_pca(model, config, train_split, device, pca_dim, checkpoint,
+                                    save=save_pca)
     recalls = evaluate_split(model, eval_split, config, device)
     result = {f"recall@{n}": float(r) for n, r in recalls.items()}
     result.update(split=split, dim=int(model.out_dim), num_queries=int(eval_split.db.numQ),
@@ -599,28 +859,68 @@ def evaluate_checkpoint(data_root, split="test", checkpoint=None, untrained=Fals
     return result
 
 
-def load_or_fit_pca(model, config, train_split, device, pca_dim=None, checkpoint=None):
-    """PCA whitening of `model`: from `checkpoint` if it holds one of that size, else fitted.
+def pca_path(checkpoint, dim):
+    """Where `--save-pca` keeps the PCA of `checkpoint`: `RUN/best.pca{dim}.pth` beside it."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(f"{checkpoint.stem}.pca{dim}.pth")
 
-    Fitting uses up to 10,000 training-database descriptors (the reference); the fitted layer is
-    then stored in the checkpoint (`ckpt["pca"]`, written atomically) for the next evaluation.
+
+def _weights_digest(state_dict):
+    """A short digest of a state dict's tensors: ties a PCA file to its checkpoint."""
+    h = hashlib.sha1()
+    for key in sorted(state_dict):
+        h.update(key.encode())
+        h.update(state_dict[key].detach().cpu().contiguous().view(torch.uint8).numpy()
+                 .tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_or_fit_pca(model, config, train_split, device, pca_dim=None, checkpoint=None,
+                    save=False):
+    """PCA whitening of `model`: from `checkpoint` (or the file beside it) if it holds one of
+    that size, else fitted on up to 10,000 training-database descriptors (the reference).
+
+    Args:
+        train_split: the split to fit on; None: loaded from `config` only if fitting is needed.
+        pca_dim: the output size; None: `config.pca_dim` (reduced, with a note, when the
+            data is too small for it). An explicit size larger than possible is an error.
+        checkpoint: a checkpoint file; it is read, never written.
+        save: store a fitted layer in `pca_path(checkpoint, dim)`.
     """
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False) if checkpoint else {}
+    ckpt = load_checkpoint(checkpoint) if checkpoint else {}
+    dim = pca_dim or config.pca_dim
     stored = ckpt.get("pca")
-    if stored is not None and (pca_dim is None or stored["out_dim"] == pca_dim):
+    if stored is None or stored["out_dim"] != dim:
+        stored = None
+        side = pca_path(checkpoint, dim) if checkpoint else None
+        if side is not None and side.is_file():
+            stored = load_torch_file(side, "PCA file")
+            if stored.get("weights") != _weights_digest(ckpt["model"]):
+                raise ValueError(f"{side} was fitted for other weights than {checkpoint}; "
+                                 "remove it or run with --save-pca to fit it again")
+    if stored is not None:
         layer = PCAWhitening(stored["in_dim"], stored["out_dim"])
         layer.load_state_dict(stored["state_dict"])
         return layer.to(device)
+    if train_split is None:
+        train_split = load_split(config.data_root, "train", name=config.dataset,
+                                 allow_flat=False)
+    limit = min(model.out_dim, min(train_split.db.numDb, 10000) - 1)
+    if dim > limit:
+        if pca_dim is not None:
+            raise ValueError(f"--pca-dim {pca_dim} is larger than possible: at most {limit} "
+                             f"(descriptor size {model.out_dim}, {train_split.db.numDb} "
+                             "training database images to fit on)")
+        print(f"PCA: {limit} dimensions, not the preset's {dim} (too little data)")
+        dim = limit
     db_desc, _ = split_descriptors(model, train_split, config, device,
                                    label="Descriptors for PCA")
     db_desc = db_desc[np.random.default_rng(config.seed).permutation(len(db_desc))[:10000]]
-    layer = fit_pca_whitening(db_desc, min(pca_dim or config.pca_dim, len(db_desc) - 1))
-    if checkpoint:
-        ckpt["pca"] = {"in_dim": layer.in_dim, "out_dim": layer.out_dim,
-                       "state_dict": layer.state_dict()}
-        atomic_save(ckpt, checkpoint)
+    layer = fit_pca_whitening(db_desc, dim)
+    if save:
+        path = atomic_save({"in_dim": layer.in_dim, "out_dim": layer.out_dim,
+                            "state_dict": layer.state_dict(),
+                            "weights": _weights_digest(ckpt["model"])},
+                           pca_path(checkpoint, dim))
+        print(f"PCA whitening saved to {path}")
     return layer.to(device)
-
-
-def _tuple(cfg):
-    return tuple(cfg["image_size"]) if cfg.get("image_size") else None

@@ -1,10 +1,12 @@
 """Small helpers shared by every stage: seeds, devices, paths, safe saving."""
 
 import contextlib
+import json
 import os
 import pickle
 import random
-import shutil
+import re
+import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,19 +134,119 @@ def autocast(device, enabled=True):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def atomic_save(obj, path):
-    """`torch.save` to a temporary file next to `path`, then rename: never a half-written file."""
+FAULT_ENV = "NETVLAD_FAULT"
+_FAULT_COUNTS = {}
+
+
+def fault_point(name):
+    """Test-only fault injection: kill this process (SIGKILL) at the point called `name`.
+
+    `$NETVLAD_FAULT` = `NAME` or `NAME:N` kills at the N-th time (default: the first) that
+    `fault_point(NAME)` is reached, e.g. `write:best.pth:2` while the second `best.pth` is being
+    written (its temporary file complete, not yet renamed) or `after:latest.pth` just after
+    `latest.pth` is in place. Unset (always, outside the tests) it does nothing.
+    """
+    wanted = os.environ.get(FAULT_ENV)
+    if not wanted:
+        return
+    target, _, count = wanted.rpartition(":") if wanted[-1:].isdigit() else (wanted, "", "1")
+    if target != name:
+        return
+    _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
+    if _FAULT_COUNTS[name] == int(count):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _tmp_prefix(path):
+    return f".{Path(path).name}."
+
+
+def _new_file_mode():
+    """The mode `open(path, "w")` gives a new file: 0666 less the process's umask."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write(path, data, sync=True):
+    """Write `data` to `path` through a temporary file in the same folder, then rename.
+
+    The one writer of every file the package writes: a reader (or a killed run) never sees a
+    half-written file, only the old one or the new one. The temporary file is
+    `.NAME.XXXX.tmp` next to `path`; `remove_temporary_files` cleans up those a kill left.
+
+    Args:
+        data: bytes, str (written as UTF-8), or a function `write(file)` that writes to a
+            binary file object (e.g. `lambda f: torch.save(obj, f)`).
+
+    Raises:
+        OSError (PermissionError, ENOSPC, ...): naming `path`; `path` is then unchanged.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        torch.save(obj, tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
+    except OSError as err:
+        raise type(err)(err.errno, f"cannot write {path}: {err.strerror}") from err
+    try:
+        with os.fdopen(fd, "wb") as f:
+            # mkstemp makes the file private (0600): give it the mode the file has, or would get.
+            os.fchmod(f.fileno(), path.stat().st_mode & 0o7777 if path.is_file()
+                      else _new_file_mode())
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            if sync:
+                os.fsync(f.fileno())
+        fault_point(f"write:{path.name}")
         os.replace(tmp, path)
+    except OSError as err:
+        raise type(err)(err.errno, f"cannot write {path}: {err.strerror}") from err
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    fault_point(f"after:{path.name}")
     return path
+
+
+def atomic_json(obj, path):
+    """`obj` as indented JSON at `path`, written atomically (`atomic_write`)."""
+    return atomic_write(path, json.dumps(obj, indent=1))
+
+
+def atomic_save(obj, path):
+    """`torch.save(obj)` at `path`, written atomically (`atomic_write`)."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def remove_temporary_files(folder):
+    """Delete the `.NAME.XXXX.tmp` files that a killed `atomic_write` left in `folder`.
+
+    Returns:
+        the paths removed.
+    """
+    folder = Path(folder)
+    removed = sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
+CACHE_ENV = "NETVLAD_CACHE_DIR"
+
+
+def cache_dir():
+    """The user cache folder of derived files (k-means centroids), never in the source tree.
+
+    `$NETVLAD_CACHE_DIR` if set, else `$XDG_CACHE_HOME/netvlad_tutorial`, else
+    `~/.cache/netvlad_tutorial`.
+    """
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "netvlad_tutorial"
 
 
 def _numpy_safe_globals():
@@ -171,8 +273,11 @@ def load_torch_file(path, what="file", safe_globals=()):
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        found = [line.strip() for line in str(err).splitlines() if "unsupported" in line.lower()]
-        detail = f" ({found[0]})" if found else ""
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if found is None:  # not a pickle of objects at all: random bytes, text
+            raise ValueError(f"{path} is not a readable {what} (not written by torch.save)") \
+                from err
+        detail = f" (it holds {found.group(1)})"
         raise ValueError(f"{path}: refused to load this {what}: it holds objects other than "
                          f"tensors, numbers and arrays, which could run code{detail}") from err
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError) as err:
@@ -191,27 +296,17 @@ def ensure_synthetic_city(root=None, preset="tiny", seed=0):
     """Generate the synthetic city at `root` unless it is already there; return its path.
 
     A city left by an older version of the course (its `synthetic_city.json` differs from what
-    this code would write) is generated again, so notebook outputs match the stored ones.
+    this code would write) is generated again, so notebook outputs match the stored ones. A
+    folder that is not one of our cities is never written into (`make_synthetic_city`).
     """
-    from .synthetic import DATASET_NAME, city_is_current, make_synthetic_city
+    from .synthetic import city_is_current, make_synthetic_city
 
     root = Path(root) if root is not None else REPO_ROOT / "data" / f"synthetic_{preset}"
     if city_is_current(root, preset, seed):
         return root
     if root.exists():
-        marker = root / "netvlad_v100_datasets" / "datasets" / f"{DATASET_NAME}_train.mat"
-        if not marker.is_file():
-            raise FileExistsError(f"{root} exists but is not a synthetic city (no {marker}); "
-                                  "move it away or set NETVLAD_DATA_ROOT to your data")
         print(f"{root} was generated by an older version of the course: generating it again")
-        shutil.rmtree(root)
-    # Generate next to `root`, then rename: an interrupted run leaves no half-made city.
-    tmp = root.with_name(root.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    make_synthetic_city(tmp, preset=preset, seed=seed)
-    os.replace(tmp, root)
-    return root
+    return make_synthetic_city(root, preset=preset, seed=seed)
 
 
 def runs_dir():

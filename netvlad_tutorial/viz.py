@@ -21,6 +21,7 @@ from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 
 from .data import IMAGENET_MEAN, IMAGENET_STD
+from .utils import atomic_write
 
 FRAME_WIDTH = 4
 
@@ -491,6 +492,7 @@ def make_figures(out_dir="figures"):
     paths = []
     for name, fig in figures.items():
         path = out_dir / name
-        fig.savefig(path, dpi=110, metadata={"Software": None})
+        atomic_write(path, lambda f, fig=fig: fig.savefig(f, format="png", dpi=110,
+                                                          metadata={"Software": None}))
         paths.append(path)
     return paths

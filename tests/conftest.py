@@ -5,6 +5,12 @@ import pytest
 from netvlad_tutorial.synthetic import make_synthetic_city
 
 
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path_factory, monkeypatch):
+    """Every test keeps the centroid cache in one temporary folder, never in the home folder."""
+    monkeypatch.setenv("NETVLAD_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_city(tmp_path_factory):
     """The tiny synthetic city (seed 0), generated once into a temporary folder."""

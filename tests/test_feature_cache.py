@@ -12,6 +12,7 @@ from netvlad_tutorial.features import (
 )
 from netvlad_tutorial.mining import MinedTuple, TripletDataset, collate_fn
 from netvlad_tutorial.model import build_model
+from netvlad_tutorial.utils import load_torch_file
 
 
 def _frozen_config(city, **changes):
@@ -90,8 +91,8 @@ def test_cached_training_equals_the_plain_path(micro_city, tmp_path):
     config = _frozen_config(micro_city)
     plain = tr.train(config.replace(feature_cache=False), tmp_path / "plain")
     cached = tr.train(config, tmp_path / "cached")
-    a = torch.load(tmp_path / "plain" / "latest.pth", weights_only=False)["model"]
-    b = torch.load(tmp_path / "cached" / "latest.pth", weights_only=False)["model"]
+    a = load_torch_file(tmp_path / "plain" / "latest.pth")["model"]
+    b = load_torch_file(tmp_path / "cached" / "latest.pth")["model"]
     assert [r["tuples"] for r in plain] == [r["tuples"] for r in cached]
     # float16 features: same mined tuples, losses within 1e-3 relative, weights within 1e-3
     np.testing.assert_allclose([r["loss"] for r in cached], [r["loss"] for r in plain],

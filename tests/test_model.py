@@ -27,6 +27,7 @@ from netvlad_tutorial.model import (
     prepare_for_device,
     sample_local_descriptors,
 )
+from netvlad_tutorial.utils import REPO_ROOT, cache_dir
 
 CONV5_LAYERS = (24, 26, 28)  # conv5_1, conv5_2, conv5_3 in `vgg16().features`
 
@@ -319,7 +320,7 @@ def test_init_netvlad_computes_then_loads_cache(tmp_path, monkeypatch):
 def test_default_cache_path_is_keyed_by_weights_dataset_and_k():
     dataset = ColorDataset()
     path = centroids_cache_path(_tiny_model(K=2, seed=0), dataset)
-    assert path.parent == M.REPO_ROOT / "data" / "cache"
+    assert path.parent == cache_dir() and REPO_ROOT not in path.parents
     assert "colors_train" in path.name and "_K2_" in path.name
     assert path == centroids_cache_path(_tiny_model(K=2, seed=0), dataset)
     assert path != centroids_cache_path(_tiny_model(K=2, seed=1), dataset)  # other weights

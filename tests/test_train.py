@@ -9,6 +9,7 @@ import torch
 
 from netvlad_tutorial import train as tr
 from netvlad_tutorial.cli import main as cli_main
+from netvlad_tutorial.utils import load_torch_file
 
 
 def _micro_config(city):
@@ -32,15 +33,15 @@ def test_resume_gives_the_same_final_weights(micro_city, tmp_path, frozen):
     tr.train(config, tmp_path / "resumed", stop_after=1)  # "killed" after epoch 0
     assert not (tmp_path / "resumed" / "finished").exists()
     resumed = tr.train(config, tmp_path / "resumed", resume=True)
-    a = torch.load(tmp_path / "straight" / "latest.pth", weights_only=False)
-    b = torch.load(tmp_path / "resumed" / "latest.pth", weights_only=False)
+    a = load_torch_file(tmp_path / "straight" / "latest.pth")
+    b = load_torch_file(tmp_path / "resumed" / "latest.pth")
     assert a["epoch"] == b["epoch"] == 1
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0, msg=key)
     np.testing.assert_array_equal(a["neg_cache"]["negatives"], b["neg_cache"]["negatives"])
     assert [r["loss"] for r in straight] == [r["loss"] for r in resumed]
     # Training changed the weights (the equality above is not trivially true).
-    first = torch.load(tmp_path / "resumed" / "best.pth", weights_only=False)
+    first = load_torch_file(tmp_path / "resumed" / "best.pth")
     init = tr.make_model(config, tr.load_split(micro_city, "train"), torch.device("cpu"))
     changed = [k for k, v in init.state_dict().items()
                if not torch.equal(v, a["model"][k])]
@@ -53,7 +54,7 @@ def test_log_files_and_checkpoint_contents(micro_city, tmp_path):
     log = json.loads((tmp_path / "log.json").read_text())
     assert [row["epoch"] for row in log] == [0]
     assert (tmp_path / "log.csv").read_text().splitlines()[0].startswith("epoch,loss")
-    ckpt = torch.load(tmp_path / "best.pth", weights_only=False)
+    ckpt = load_torch_file(tmp_path / "best.pth")
     for key in ("model", "optimizer", "scheduler", "epoch", "neg_cache", "rng", "model_config"):
         assert key in ckpt
     assert not list(tmp_path.glob("*.tmp"))
@@ -73,33 +74,34 @@ def test_evaluate_errors_are_clear(micro_city, tmp_path, capsys):
     # A checkpoint of another model configuration (K = 4 vs the preset's 16).
     config = _micro_config(micro_city).replace(epochs=1)
     tr.train(config, tmp_path / "run")
-    ckpt = torch.load(tmp_path / "run" / "best.pth", weights_only=False)
+    ckpt = load_torch_file(tmp_path / "run" / "best.pth")
     ckpt["model_config"] = {**ckpt["model_config"], "num_clusters": 64}
     torch.save(ckpt, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="use the matching --preset"):
         tr.evaluate_checkpoint(micro_city, checkpoint=tmp_path / "other.pth")
 
 
-def test_pca_whitening_is_stored_in_the_checkpoint(micro_city, tmp_path):
+def test_pca_whitening_is_stored_beside_the_checkpoint_only_when_asked(micro_city, tmp_path):
     config = _micro_config(micro_city).replace(epochs=1)
     tr.train(config, tmp_path)
     ckpt_path = tmp_path / "best.pth"
+    before = ckpt_path.read_bytes()
     first = tr.evaluate_checkpoint(micro_city, checkpoint=ckpt_path, pca=True, pca_dim=8,
-                                   precision="fp32")
-    stored = torch.load(ckpt_path, weights_only=False)["pca"]
+                                   precision="fp32", save_pca=True)
+    assert ckpt_path.read_bytes() == before  # the checkpoint itself is never written
+    stored = load_torch_file(tr.pca_path(ckpt_path, 8))
     assert (stored["in_dim"], stored["out_dim"]) == (4 * 512, 8) and first["dim"] == 8
-    # The second evaluation loads the stored layer: same recalls, checkpoint unchanged.
+    # The second evaluation loads the stored layer: same recalls, file unchanged.
+    side = tr.pca_path(ckpt_path, 8).read_bytes()
     again = tr.evaluate_checkpoint(micro_city, checkpoint=ckpt_path, pca=True, pca_dim=8,
                                    precision="fp32")
-    assert again == first
-    torch.testing.assert_close(torch.load(ckpt_path, weights_only=False)["pca"]["state_dict"],
-                               stored["state_dict"], rtol=0, atol=0)
+    assert again == first and tr.pca_path(ckpt_path, 8).read_bytes() == side
 
 
 def test_freeze_encoder_trains_only_netvlad(micro_city, tmp_path):
     config = _micro_config(micro_city).replace(epochs=1, freeze_encoder=True, lr=0.1)
     tr.train(config, tmp_path)
-    trained = torch.load(tmp_path / "latest.pth", weights_only=False)["model"]
+    trained = load_torch_file(tmp_path / "latest.pth")["model"]
     init = tr.make_model(config, tr.load_split(micro_city, "train"), torch.device("cpu"))
     changed = {k for k, v in init.state_dict().items() if not torch.equal(v, trained[k])}
     assert changed and all(k.startswith("pool.") for k in changed)
