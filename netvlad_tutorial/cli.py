@@ -74,6 +74,16 @@ def _bench(args):
     bench_main(args.rest)
 
 
+def _weights(args):
+    from .weights import download_weights, list_weights
+
+    if args.action == "list":
+        print(list_weights())
+    else:
+        download_weights(args.name, base_url=args.base_url,
+                         allow_unverified=args.allow_unverified)
+
+
 def _terminal_text(text):
     """What a terminal shows for `text`: each line ends as its last carriage-return segment."""
     lines = [line.rsplit("\r", 1)[-1] for line in text.split("\n")]
@@ -146,6 +156,7 @@ def _add_precision(parser):
 
 def build_parser():
     """The argument parser with one sub-command per task."""
+    from .train import PRESETS
     parser = argparse.ArgumentParser(prog="python -m netvlad_tutorial", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -169,7 +180,7 @@ def build_parser():
     p = sub.add_parser("train", help="train NetVLAD with hard-negative mining")
     p.add_argument("--data-root", type=Path, required=True)
     p.add_argument("--name", default=None, help="dataset name, e.g. pitts30k (default: preset's)")
-    p.add_argument("--preset", default="tiny", choices=["tiny", "small", "pitts30k", "pitts250k"])
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--out", type=Path, required=True, help="run folder for checkpoints and logs")
     p.add_argument("--resume", action="store_true",
                    help="continue (or extend to more --epochs) the run in --out")
@@ -189,7 +200,7 @@ def build_parser():
     p.add_argument("--checkpoint", type=Path, default=None)
     p.add_argument("--untrained", action="store_true",
                    help="the same initialization, k-means centroids, no training")
-    p.add_argument("--preset", default=None, choices=["tiny", "small", "pitts30k", "pitts250k"],
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="with --untrained: the run to mirror (default: tiny)")
     p.add_argument("--pca", action="store_true", help="apply (or fit) PCA whitening")
     p.add_argument("--pca-dim", type=int, default=None)
@@ -213,6 +224,18 @@ def build_parser():
     p = sub.add_parser("figures", help="regenerate the figures in figures/")
     p.add_argument("--out", type=Path, default=Path("figures"))
     p.set_defaults(func=_figures)
+
+    p = sub.add_parser("weights", help="list or download released weights (opt-in)")
+    wsub = p.add_subparsers(dest="action", required=True)
+    wsub.add_parser("list", help="the registered files, where they go, their hash status")
+    d = wsub.add_parser("download", help="download one file into the torch hub cache")
+    d.add_argument("name", help="a name from `weights list`, e.g. imagenet")
+    d.add_argument("--base-url", default=None,
+                   help="fetch BASE_URL/<file name> instead (a mirror; default: "
+                        "$NETVLAD_WEIGHTS_URL, else the authors' URL)")
+    d.add_argument("--allow-unverified", action="store_true",
+                   help="accept a file whose authors publish no hash (still read safely)")
+    p.set_defaults(func=_weights)
     return parser
 
 

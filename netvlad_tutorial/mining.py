@@ -8,6 +8,8 @@ For a training query, from a descriptor cache of the training split:
 - a query without any such violating negative is skipped.
 """
 
+import contextlib
+import warnings
 from collections import namedtuple
 from pathlib import Path
 
@@ -65,6 +67,65 @@ def _float32(x, device):
     return x.to(device, torch.float32)
 
 
+BLOCK_ROWS = 16  # rows per block in `row_distances`: 16 x 32,768 float32 = 2 MiB, cache-sized
+
+
+def _cpu_view(x):
+    """A numpy array or memmap (float16/float32) as a CPU tensor sharing its memory, or None."""
+    if torch.is_tensor(x):
+        return x if x.device.type == "cpu" and x.dtype in (torch.float16, torch.float32) else None
+    if not isinstance(x, np.ndarray) or x.dtype not in (np.float16, np.float32) or x.ndim != 2:
+        return None
+    with warnings.catch_warnings():  # a read-only memmap: only read here
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(x)
+
+
+def row_distances(db_desc, indices, q_row, device=None, block=BLOCK_ROWS):
+    """Euclidean distances (float32) from `q_row` to the database rows `indices`.
+
+    The same values as `vector_norm(float32(db_desc[indices]) - float32(q_row), dim=1)`, but on
+    the CPU the rows are gathered, converted and reduced `block` rows at a time into reused
+    buffers (3 MB at 32,768-D): the ~1,100 gathered rows (72 MB in float16, 144 MB in float32)
+    are never materialized at once, and each block fits in the CPU cache.
+
+    Args:
+        db_desc: (numDb, D) descriptors: numpy array, memmap or tensor.
+        indices: (n,) int64 database indices.
+        q_row: (D,) query descriptor.
+        device: where to compute; the blocked path is used on the CPU.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    db = _cpu_view(db_desc) if device.type == "cpu" else None
+    if db is None:
+        rows = _float32(db_desc[indices], device)  # (n, D)
+        return torch.linalg.vector_norm(rows - _float32(q_row, device), dim=1)  # (n,)
+    q = _float32(q_row, device)  # (D,)
+    idx = torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64))  # (n,)
+    out = torch.empty(len(idx))  # (n,)
+    gathered = torch.empty(min(block, len(idx)), db.shape[1], dtype=db.dtype)  # (block, D)
+    diff = torch.empty(gathered.shape)  # (block, D) float32
+    for start in range(0, len(idx), block):
+        part = idx[start:start + block]
+        n = len(part)
+        torch.index_select(db, 0, part, out=gathered[:n])
+        torch.sub(gathered[:n], q, out=diff[:n])  # float16 rows promoted exactly to float32
+        torch.linalg.vector_norm(diff[:n], dim=1, out=out[start:start + n])
+    return out
+
+
+@contextlib.contextmanager
+def torch_threads(num_threads):
+    """Run the block with `torch.set_num_threads(num_threads)` (None: unchanged)."""
+    before = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def mine_tuple(q, q_desc_row, db_desc, train_pos_q, sampler, rng, neg_cache=None,
                n_neg_sample=1000, n_neg_dist=100, n_neg=10, margin=0.1, device=None):
     """The best positive and the hard negatives of training query `q` as a `MinedTuple`.
@@ -90,8 +151,8 @@ def mine_tuple(q, q_desc_row, db_desc, train_pos_q, sampler, rng, neg_cache=None
     sampled = np.asarray(sampler.sample(q, n_neg_sample, rng), dtype=np.int64)
     cached = neg_cache[q] if neg_cache is not None else np.empty(0, dtype=np.int64)
     candidates = np.unique(np.concatenate([sampled, cached]))  # `candidates`: (C,) sorted
-    rows = _float32(db_desc[np.concatenate([train_pos_q, candidates])], device)  # (P + C, D)
-    dist = torch.linalg.vector_norm(rows - _float32(q_desc_row, device), dim=1)  # (P + C,)
+    dist = row_distances(db_desc, np.concatenate([train_pos_q, candidates]), q_desc_row,
+                         device)  # (P + C,)
     d_pos_all, d_cand = dist[:len(train_pos_q)], dist[len(train_pos_q):]  # (P,), (C,)
     best = d_pos_all.argmin()
     d_near, near = d_cand.topk(min(n_neg_dist, len(candidates)), largest=False)  # nearest first
@@ -102,7 +163,8 @@ def mine_tuple(q, q_desc_row, db_desc, train_pos_q, sampler, rng, neg_cache=None
 
 
 def mine_triplets(queries, q_desc, db_desc, train_positives, sampler, rng, neg_cache,
-                  n_neg_sample=1000, n_neg_dist=100, n_neg=10, margin=0.1, device=None):
+                  n_neg_sample=1000, n_neg_dist=100, n_neg=10, margin=0.1, device=None,
+                  num_threads=1):
     """Mine a tuple for each query of `queries`: (list of `MinedTuple`, number of skipped).
 
     Skipped queries (no violating negative) are left out of the list; the negative cache of
@@ -112,18 +174,22 @@ def mine_triplets(queries, q_desc, db_desc, train_positives, sampler, rng, neg_c
         queries: query indices to mine.
         q_desc: (numQ, D) cached query descriptors; `db_desc`: (numDb, D).
         train_positives: per query index, its training positives (`data.train_positives`).
+        num_threads: torch CPU threads while mining (None: unchanged). Each query's work is a
+            few small, memory-bound operations: more threads only add synchronization, which
+            on a busy 2-core machine made them many times slower (`benchmarks/scale.py`).
         Others: as `mine_tuple`.
     """
     tuples, num_skipped = [], 0
-    for q in tqdm(queries, desc="Mining", unit="query"):
-        t = mine_tuple(int(q), q_desc[q], db_desc, train_positives[q], sampler, rng, neg_cache,
-                       n_neg_sample=n_neg_sample, n_neg_dist=n_neg_dist, n_neg=n_neg,
-                       margin=margin, device=device)
-        if len(t.negatives) == 0:
-            num_skipped += 1
-            continue
-        neg_cache.update(t.query, t.negatives)
-        tuples.append(t)
+    with torch_threads(num_threads):
+        for q in tqdm(queries, desc="Mining", unit="query"):
+            t = mine_tuple(int(q), q_desc[q], db_desc, train_positives[q], sampler, rng,
+                           neg_cache, n_neg_sample=n_neg_sample, n_neg_dist=n_neg_dist,
+                           n_neg=n_neg, margin=margin, device=device)
+            if len(t.negatives) == 0:
+                num_skipped += 1
+                continue
+            neg_cache.update(t.query, t.negatives)
+            tuples.append(t)
     return tuples, num_skipped
 
 

@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -39,7 +40,15 @@ from .features import (
     compute_local_features,
 )
 from .mining import NegativeCache, TripletDataset, collate_fn, mine_triplets, triplet_loss
-from .model import PCAWhitening, build_model, fit_pca_whitening, init_netvlad, model_config
+from .model import (
+    PCAWhitening,
+    build_model,
+    detect_model_format,
+    fit_pca_whitening,
+    init_netvlad,
+    load_model,
+    model_config,
+)
 from .utils import (
     atomic_json,
     atomic_save,
@@ -154,6 +163,17 @@ PRESETS = {
     # The reference settings, for one GPU.
     "pitts30k": TrainConfig(dataset="pitts30k"),
     "pitts250k": TrainConfig(dataset="pitts250k"),
+    # The tiny city from ImageNet VGG16 weights (`weights download imagenet` first; offline the
+    # encoder stays random, with a warning): conv5 + NetVLAD train, as the reference. lr 1e-3 is
+    # the paper's SGD rate: pretrained conv5 weights would be wrecked by the tiny preset's 1e-2
+    # (meant for a freshly initialized NetVLAD layer alone), and Nanne's 1e-4 barely moves them
+    # in ten epochs of 144 queries (Pitts30k gives 30 epochs of 7,416 queries).
+    "tiny-imagenet": TrainConfig(
+        dataset="synthetic", image_size=(96, 128), num_clusters=16, weights="imagenet",
+        train_all=False, freeze_encoder=False, lr=1e-3, lr_step=100, epochs=10, patience=10,
+        batch_size=4, n_neg=4, n_neg_sample=200, n_neg_dist=50, cache_batch_size=32,
+        num_workers=0, kmeans_images=100, kmeans_per_image=20, kmeans_iters=50, pca_dim=64,
+    ),
 }
 
 
@@ -162,6 +182,52 @@ def get_preset(name):
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]
+
+
+REAL_SCALE_IMAGES = 5000  # `train` prints `estimate_run` for training splits at least this big
+
+
+def estimate_run(config, num_db, num_q, verbose=True):
+    """What a training run costs before it starts: images to encode, cache size, disk.
+
+    Each epoch mines `min(num_q, max_queries)` queries; before every `cache_refresh` of them the
+    whole training split (database + queries) is encoded again, then every mined tuple encodes
+    its query, its positive and at most `n_neg` negatives (an upper bound: skipped queries and
+    fewer violating negatives encode less). The cache holds one K*512-D vector per image.
+
+    Args:
+        config: a `TrainConfig`.
+        num_db, num_q: database images and queries of the training split.
+        verbose: print the estimate.
+
+    Returns:
+        dict with `queries_per_epoch`, `refreshes_per_epoch`, `cache_images_per_epoch`,
+        `train_images_per_epoch`, `images_per_epoch`, `images_total` (all epochs),
+        `descriptor_dim`, `cache_bytes_float16`, `cache_bytes_float32` and `disk_bytes` (a
+        disk-backed float16 cache: one .npy file of the cache's size).
+    """
+    queries = min(num_q, config.max_queries) if config.max_queries else num_q
+    refreshes = math.ceil(queries / config.cache_refresh)
+    cache_images = refreshes * (num_db + num_q)
+    train_images = queries * (2 + config.n_neg)
+    dim = config.num_clusters * 512  # VGG16 conv5: 512 channels
+    est = {"queries_per_epoch": queries, "refreshes_per_epoch": refreshes,
+           "cache_images_per_epoch": cache_images, "train_images_per_epoch": train_images,
+           "images_per_epoch": cache_images + train_images,
+           "images_total": (cache_images + train_images) * config.epochs,
+           "descriptor_dim": dim, "cache_bytes_float16": (num_db + num_q) * dim * 2,
+           "cache_bytes_float32": (num_db + num_q) * dim * 4}
+    est["disk_bytes"] = est["cache_bytes_float16"]
+    if verbose:
+        gib = 2 ** 30
+        print(f"Estimate: {queries:,} queries per epoch, {refreshes} cache refreshes of "
+              f"{num_db + num_q:,} images = {cache_images:,} images to cache + at most "
+              f"{train_images:,} to train on, per epoch; {est['images_total']:,} over "
+              f"{config.epochs} epochs. Cache {dim:,}-D: "
+              f"{est['cache_bytes_float16'] / gib:.1f} GiB in float16 "
+              f"({est['cache_bytes_float32'] / gib:.1f} GiB in float32); a disk-backed cache "
+              f"needs {est['disk_bytes'] / gib:.1f} GiB of disk.")
+    return est
 
 
 # ---------------------------------------------------------------------------------------------
@@ -690,6 +756,8 @@ def train(config, run_dir, resume=False, stop_after=None, overwrite=False):
     device = resolve_device(config)
     train_split = load_split(config.data_root, "train", name=config.dataset, allow_flat=False)
     val_split = load_split(config.data_root, "val", name=config.dataset, allow_flat=False)
+    if train_split.db.numDb + train_split.db.numQ >= REAL_SCALE_IMAGES:
+        estimate_run(config, train_split.db.numDb, train_split.db.numQ)
     positives = train_positives(train_split.db)
     if not any(len(p) for p in positives):
         raise DataLayoutError(
@@ -832,6 +900,9 @@ def evaluate_checkpoint(data_root, split="test", checkpoint=None, untrained=Fals
     config = get_preset(preset or "tiny")
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
+        if checkpoint.is_file() and released_format(checkpoint):
+            return _evaluate_released(checkpoint, data_root, split, name, device, precision,
+                                      pca, pca_dim)
         ckpt = load_checkpoint(checkpoint)
         _check_best_is_current(checkpoint, ckpt)
         config = checkpoint_config(ckpt, checkpoint, strict=False)
@@ -856,6 +927,41 @@ def evaluate_checkpoint(data_root, split="test", checkpoint=None, untrained=Fals
     result = {f"recall@{n}": float(r) for n, r in recalls.items()}
     result.update(split=split, dim=int(model.out_dim), num_queries=int(eval_split.db.numQ),
                   model="untrained" if untrained and checkpoint is None else str(checkpoint))
+    return result
+
+
+def released_format(path):
+    """"patchnetvlad" or "nanne" for a released model file (`model.detect_model_format`),
+    None for this project's checkpoints and for files of no known format."""
+    try:
+        fmt = detect_model_format(load_torch_file(path, "checkpoint"))
+    except ValueError:
+        return None
+    return None if fmt == "netvlad_tutorial" else fmt
+
+
+def _evaluate_released(checkpoint, data_root, split, name, device, precision, pca, pca_dim):
+    """`evaluate_checkpoint` for Patch-NetVLAD and Nanne files (`model.load_model`): their
+    input rule (Patch-NetVLAD resizes to 480x640), the reference settings otherwise."""
+    config = PRESETS["pitts30k"].replace(data_root=str(data_root), weights=None, dataset=name,
+                                         **({"precision": precision} if precision else {}),
+                                         **({"device": device} if device else {}))
+    device = resolve_device(config)
+    model, info = load_model(checkpoint, device)
+    config = config.replace(image_size=info["image_size"],
+                            num_workers=min(config.num_workers, os.cpu_count() or 1))
+    print(f"{display_path(checkpoint)}: {info['format']} weights, K = {info['num_clusters']}, "
+          f"{info['out_dim']}-D; input: {info['input_rule']}")
+    eval_split = load_split(config.data_root, split, name=config.dataset)
+    if pca:
+        if model.pca is not None:
+            raise ValueError(f"{checkpoint} already holds its PCA whitening (WPCA to "
+                             f"{info['pca_dim']}-D): evaluate it without --pca")
+        model.pca = load_or_fit_pca(model, config, None, device, pca_dim)
+    recalls = evaluate_split(model, eval_split, config, device)
+    result = {f"recall@{n}": float(r) for n, r in recalls.items()}
+    result.update(split=split, dim=int(model.out_dim), num_queries=int(eval_split.db.numQ),
+                  model=str(checkpoint), format=info["format"])
     return result
 
 

@@ -327,14 +327,15 @@ def course_data_root():
 
 def display_path(path):
     """`path` as a person reads it in a message: relative to the working folder when it is
-    close by (at most two `..`), else `~/...` under the home folder, else as it is."""
+    inside it or beside it (one `..`, e.g. `../data` from `notebooks/`), else `~/...` under the
+    home folder, else as it is."""
     path = Path(path)
     try:
         resolved, cwd = path.resolve(), Path.cwd().resolve()
     except OSError:
         return str(path)
     rel = os.path.relpath(resolved, cwd)
-    if not rel.startswith(os.path.join("..", "..", "..")) and rel != os.path.join("..", ".."):
+    if not rel.startswith(os.path.join("..", "..")):
         return rel
     try:
         return "~/" + resolved.relative_to(Path.home().resolve()).as_posix()

@@ -1,0 +1,59 @@
+"""`train.estimate_run` and the `tiny-imagenet` preset."""
+
+import math
+import warnings
+
+import pytest
+
+from netvlad_tutorial.model import build_model
+from netvlad_tutorial.train import PRESETS, TrainConfig, estimate_run
+
+
+def test_estimate_run_closed_form(capsys):
+    config = TrainConfig(num_clusters=8, cache_refresh=100, n_neg=10, epochs=3)
+    est = estimate_run(config, num_db=1000, num_q=250)
+    # 250 queries, refreshed before queries 0, 100, 200: 3 passes over 1000 + 250 images.
+    assert est["refreshes_per_epoch"] == 3
+    assert est["cache_images_per_epoch"] == 3 * 1250
+    assert est["train_images_per_epoch"] == 250 * 12  # query + positive + 10 negatives
+    assert est["images_total"] == 3 * (3750 + 3000)
+    assert est["descriptor_dim"] == 8 * 512
+    assert est["cache_bytes_float16"] == 1250 * 4096 * 2 == est["disk_bytes"]
+    assert est["cache_bytes_float32"] == 2 * est["cache_bytes_float16"]
+    assert "3 cache refreshes" in capsys.readouterr().out
+
+
+def test_estimate_run_pitts250k_and_max_queries():
+    est = estimate_run(PRESETS["pitts250k"], 91_464, 7_824, verbose=False)
+    assert est["refreshes_per_epoch"] == math.ceil(7_824 / 1000) == 8
+    assert est["cache_bytes_float16"] == 99_288 * 32_768 * 2  # 6.06 GiB
+    capped = estimate_run(PRESETS["pitts250k"].replace(max_queries=1500), 91_464, 7_824,
+                          verbose=False)
+    assert capped["queries_per_epoch"] == 1500 and capped["refreshes_per_epoch"] == 2
+
+
+def test_tiny_imagenet_preset_without_the_file_warns_and_continues(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache: no ImageNet file
+    config = PRESETS["tiny-imagenet"]
+    tiny = PRESETS["tiny"]
+    assert (config.weights, config.freeze_encoder, config.train_all, config.lr) == \
+        ("imagenet", False, False, 1e-3)
+    assert config.replace(weights=None, freeze_encoder=True, train_all=None, lr=1e-2) == tiny
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        model = build_model(num_clusters=config.num_clusters, weights=config.weights,
+                            train_all=config.train_all)
+    assert any("not found" in str(w.message) for w in record)
+    assert model.encoder.weights_source == "random"
+    trainable = [name for name, p in model.encoder.named_parameters() if p.requires_grad]
+    assert trainable == [f"{i}.{t}" for i in (24, 26, 28) for t in ("weight", "bias")]
+
+
+def test_cli_preset_choices_follow_presets():
+    from netvlad_tutorial.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--data-root", "x", "--out", "y",
+                                      "--preset", "tiny-imagenet"])
+    assert args.preset == "tiny-imagenet"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["evaluate", "--data-root", "x", "--preset", "nope"])

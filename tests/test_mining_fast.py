@@ -1,0 +1,106 @@
+"""The blocked `mining.row_distances` gives exactly the results of the code it replaced."""
+
+import numpy as np
+import pytest
+import torch
+
+from netvlad_tutorial.mining import (
+    NegativeCache,
+    _float32,
+    mine_triplets,
+    mine_tuple,
+    row_distances,
+    torch_threads,
+)
+
+
+class _FixedSampler:
+    """Returns the same hand-picked potential negatives for every query."""
+
+    def __init__(self, negatives):
+        self.negatives = np.asarray(negatives, dtype=np.int64)
+
+    def sample(self, q, n, rng):
+        return self.negatives[:n]
+
+
+def _old_mine_tuple(q, q_desc_row, db_desc, train_pos_q, sampler, rng, neg_cache, n_neg_sample,
+                    n_neg_dist, n_neg, margin):
+    """`mining.mine_tuple` as it was before the blocked distances (commit 2475cb5)."""
+    device = torch.device("cpu")
+    train_pos_q = np.asarray(train_pos_q, dtype=np.int64)
+    sampled = np.asarray(sampler.sample(q, n_neg_sample, rng), dtype=np.int64)
+    cached = neg_cache[q] if neg_cache is not None else np.empty(0, dtype=np.int64)
+    candidates = np.unique(np.concatenate([sampled, cached]))
+    rows = _float32(db_desc[np.concatenate([train_pos_q, candidates])], device)
+    dist = torch.linalg.vector_norm(rows - _float32(q_desc_row, device), dim=1)
+    d_pos_all, d_cand = dist[:len(train_pos_q)], dist[len(train_pos_q):]
+    best = d_pos_all.argmin()
+    d_near, near = d_cand.topk(min(n_neg_dist, len(candidates)), largest=False)
+    violating = d_near < d_pos_all[best] + margin ** 0.5
+    d_negs, chosen = d_near[violating][:n_neg], near[violating][:n_neg]
+    return (int(train_pos_q[best]), candidates[chosen.cpu().numpy()], float(d_pos_all[best]),
+            d_negs.cpu().numpy())
+
+
+def _hand_built(dtype, tmp_path=None):
+    """50 database rows of D = 300 (with exact duplicates: tied distances), 3 queries.
+
+    Rows 0-4 are the positives; 37 candidates (more than two blocks of 16, not a multiple).
+    """
+    rng = np.random.default_rng(7)
+    db = rng.normal(size=(50, 300)).astype(np.float32)
+    db /= np.linalg.norm(db, axis=1, keepdims=True)
+    db[20] = db[21] = db[22]  # ties
+    q = db[:3] + 0.3 * rng.normal(size=(3, 300)).astype(np.float32)
+    db, q = db.astype(dtype), q.astype(dtype)
+    if tmp_path is not None:  # a disk-backed memmap, read-only as training opens it
+        path = tmp_path / "db.npy"
+        mm = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=db.shape)
+        mm[:] = db
+        mm.flush()
+        db = np.load(path, mmap_mode="r")
+    return db, q
+
+
+@pytest.mark.parametrize("storage", ["float32", "float16", "memmap16", "tensor16"])
+def test_mining_is_identical_to_the_previous_code(storage, tmp_path):
+    dtype = np.float32 if storage == "float32" else np.float16
+    db, q = _hand_built(dtype, tmp_path if storage == "memmap16" else None)
+    if storage == "tensor16":
+        db = torch.from_numpy(db)
+    positives = [np.arange(5), np.array([1, 3]), np.array([2])]
+    sampler = _FixedSampler(np.r_[5:42])
+    for n_neg_dist, margin in [(100, 0.1), (8, 0.5), (3, 2.0)]:
+        new_cache, old_cache = NegativeCache(3, 4), NegativeCache(3, 4)
+        old_cache.update(0, np.array([45, 46]))
+        new_cache.update(0, np.array([45, 46]))
+        for query in range(3):
+            old = _old_mine_tuple(query, q[query], db, positives[query], sampler, None,
+                                  old_cache, 37, n_neg_dist, 4, margin)
+            new = mine_tuple(query, q[query], db, positives[query], sampler, None, new_cache,
+                             n_neg_sample=37, n_neg_dist=n_neg_dist, n_neg=4, margin=margin)
+            assert (new.positive, new.d_pos) == old[:1] + old[2:3]
+            np.testing.assert_array_equal(new.negatives, old[1])
+            np.testing.assert_array_equal(new.d_negs, old[3])  # bit-identical
+            assert len(new.negatives) > 0
+
+
+def test_row_distances_block_boundaries_and_threads():
+    db, q = _hand_built(np.float16)
+    idx = np.r_[0:50, 3, 3]  # repeats, 52 rows: 3 full blocks of 16 and 4 rows
+    expected = torch.linalg.vector_norm(_float32(db[idx], "cpu") - _float32(q[0], "cpu"), dim=1)
+    for block in (1, 16, 64):
+        with torch_threads(1):
+            assert torch.equal(row_distances(db, idx, q[0], block=block), expected)
+    assert torch.equal(row_distances(db.astype(np.float64), idx, q[0]), expected)  # plain path
+
+
+def test_mine_triplets_restores_thread_count():
+    db, q = _hand_built(np.float32)
+    before = torch.get_num_threads()
+    tuples, skipped = mine_triplets([0, 1], q, db, [np.arange(5), np.array([1])],
+                                    _FixedSampler(np.r_[5:42]), None, NegativeCache(3, 4),
+                                    n_neg_sample=37, n_neg=4, num_threads=1)
+    assert torch.get_num_threads() == before
+    assert len(tuples) + skipped == 2
