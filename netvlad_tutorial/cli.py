@@ -194,13 +194,27 @@ def build_parser():
 
 
 def main(argv=None):
-    """Entry point; errors about user input print one clear line and exit 2."""
+    """Entry point; errors about user input print one clear line and exit 2.
+
+    Under `torchrun` (its environment present) the command runs in a `torch.distributed`
+    process group, started here and ended at the end (see `distributed`); without it, in one
+    process as always.
+    """
+    from . import distributed
+
     args = build_parser().parse_args(argv)
+    launched = distributed.launched()
+    if launched:
+        distributed.init()
     try:
         args.func(args)
+        distributed.barrier()  # torchrun: every rank has finished before the group ends
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if launched:
+            distributed.destroy()
 
 
 if __name__ == "__main__":

@@ -132,9 +132,23 @@ def autocast(device, enabled=True):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def is_main_process():
+    """True on rank 0 of a `torch.distributed` run, or in a single process: the one that writes.
+
+    Every function of the package that writes a file checks it (see `distributed`).
+    """
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def atomic_save(obj, path):
-    """`torch.save` to a temporary file next to `path`, then rename: never a half-written file."""
+    """`torch.save` to a temporary file next to `path`, then rename: never a half-written file.
+
+    Under `torch.distributed` only rank 0 writes (the others return `path` at once).
+    """
     path = Path(path)
+    if not is_main_process():  # distributed: rank 0 alone writes files
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
