@@ -251,13 +251,27 @@ def error_message(err):
 
 def main(argv=None):
     """Entry point; errors about user input, data, files or disks print one clear line (naming
-    the file) and exit 2. OSError covers a read-only folder and a full disk (ENOSPC)."""
+    the file) and exit 2. OSError covers a read-only folder and a full disk (ENOSPC).
+
+    Under `torchrun` (its environment present) the command runs in a `torch.distributed`
+    process group, started here and ended at the end (see `distributed`); without it, in one
+    process as always.
+    """
+    from . import distributed
+
     args = build_parser().parse_args(argv)
+    launched = distributed.launched()
+    if launched:
+        distributed.init()
     try:
         args.func(args)
+        distributed.barrier()  # torchrun: every rank has finished before the group ends
     except (ValueError, OSError) as err:
         print(f"error: {error_message(err)}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if launched:
+            distributed.destroy()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from . import distributed
 from .utils import Precision, resolve_precision
 
 DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
@@ -69,12 +70,21 @@ def run_inference(model, dataset, batch_size=24, num_workers=0, device=None, pre
         out_path: if given, a disk-backed `.npy` file (`np.lib.format.open_memmap`) holds the
             result instead of RAM.
         label: the progress bar's label.
+
+    Under `torch.distributed` (see `distributed`), each rank runs only its `distributed.shard`
+    of the items and every rank gets the whole array, in the same order, gathered exactly; a
+    disk-backed `out_path` is written by rank 0 alone (the other ranks hold it in RAM).
     """
     dtype = np.dtype(dtype)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be float16 or float32, got {dtype}")
     device = torch.device(device) if device is not None else _model_device(model)
     precision = _as_precision(precision, device)
+    num_rows, sharded = _num_rows(dataset), distributed.is_initialized()
+    if sharded:  # this rank's items only; rank 0 alone writes a file
+        dataset = Subset(dataset, distributed.shard(len(dataset)))
+        out_path = out_path if distributed.is_main() else None
+    parts, rows = [], []  # sharded: this rank's outputs and their row numbers
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
     was_training = model.training
@@ -86,16 +96,37 @@ def run_inference(model, dataset, batch_size=24, num_workers=0, device=None, pre
                 inputs = precision.images(inputs.to(device, non_blocking=True))  # (B, ...)
                 with precision.autocast(device):
                     outputs = model(inputs)  # `outputs`: (B, ...)
+                outputs = outputs.to(DTYPES[dtype]).cpu().numpy()
+                if sharded:
+                    parts.append(outputs)
+                    rows.append(indices.numpy())
+                    continue
                 if out is None:
-                    out = _new_array((_num_rows(dataset), *outputs.shape[1:]), dtype, out_path)
-                out[indices.numpy()] = outputs.to(DTYPES[dtype]).cpu().numpy()
+                    out = _new_array((num_rows, *outputs.shape[1:]), dtype, out_path)
+                out[indices.numpy()] = outputs
     finally:
         model.train(was_training)
+    if sharded:
+        out = _gather_shards(parts, rows, num_rows, dtype, out_path)
     if out is None:
         raise ValueError("run_inference got an empty dataset")
     if out_path is not None:
         out.flush()
     return out
+
+
+def _gather_shards(parts, rows, num_rows, dtype, out_path):
+    """The full (num_rows, ...) array on every rank from each rank's output batches (None if
+    no rank had any item)."""
+    shapes = [s for s in distributed.all_gather_object(parts[0].shape[1:] if parts else None)
+              if s is not None]
+    if not shapes:
+        return None
+    shape = tuple(shapes[0])
+    part = np.concatenate(parts) if parts else np.empty((0, *shape), dtype)  # (n_rank, ...)
+    indices = np.concatenate(rows) if rows else np.empty(0, np.int64)  # (n_rank,)
+    out = _new_array((num_rows, *shape), dtype, out_path)
+    return distributed.gather_rows(part, indices, num_rows, out)
 
 
 def compute_descriptors(model, dataset, batch_size=24, num_workers=0, device=None,

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, distributed
 from .data import (
     DataLayoutError,
     NegativeSampler,
@@ -324,6 +324,7 @@ def make_model(config, train_split, device):
                  num_images=config.kmeans_images, per_image=config.kmeans_per_image,
                  iters=config.kmeans_iters, seed=config.seed, device=device,
                  precision=resolve_precision(config.precision, device))
+    distributed.sync_module(model)  # torchrun: every rank starts from rank 0's weights
     return model
 
 
@@ -447,24 +448,33 @@ def refresh_cache(model, state, config, device):
                                dtype=np.float16, out_path=out_path, label="Refreshing cache")
 
 
-def tuple_loader(tuples, state, config, device):
-    """Batches of `collate_fn` over the mined tuples: images, or their cached local features."""
+def tuple_loader(tuples, state, config, device, plan=None):
+    """Batches of `collate_fn` over the mined tuples: images, or their cached local features.
+
+    Args:
+        plan: under torchrun, this rank's `distributed.Share`s: one batch per global batch.
+    """
     split, features = state["split"], state.get("features")
     dataset = TripletDataset(split.root, split.db, tuples,
                              transform=input_transform(config.image_size),
                              queries_dir=split.queries_dir,
                              features=None if features is None else features.train)
-    return DataLoader(dataset, batch_size=config.batch_size, shuffle=False,
+    batching = ({"batch_size": config.batch_size, "shuffle": False} if plan is None
+                else {"batch_sampler": [share.local for share in plan]})
+    return DataLoader(dataset, **batching,
                       num_workers=0 if features is not None else config.num_workers,
                       collate_fn=collate_fn, pin_memory=device.type == "cuda")
 
 
-def train_step(net, batch, optimizer, config, device, images=True):
+def train_step(net, batch, optimizer, config, device, images=True, share=None):
     """One SGD step on a batch of tuples; returns (loss, number of tuples).
 
     Args:
-        net: the model on images, or `model.head` on cached local features (`images=False`).
+        net: the model on images, or `model.head` on cached local features (`images=False`);
+            under torchrun its `distributed.ddp` wrapper.
         batch: `(query, positive, negatives, neg_counts, indices)` from `collate_fn`.
+        share: under torchrun, this rank's `distributed.Share` of the global batch: the step
+            is then that of the global batch, whose loss and size are returned.
     """
     query, positive, negatives, neg_counts, _ = batch
     precision = resolve_precision(config.precision, device)
@@ -477,10 +487,44 @@ def train_step(net, batch, optimizer, config, device, images=True):
     B = query.shape[0]
     q, p, n = desc[:B], desc[B:2 * B], desc[2 * B:]  # `q`, `p`: (B, dim); `n`: (N, dim)
     loss = triplet_loss(q, p, n, neg_counts.to(device), margin=math.sqrt(config.margin))
+    value = None
+    if share is not None:  # the all-reduced gradient is that of the global batch's loss
+        loss, value = distributed.share_loss(loss, len(n), share)
+        B = len(share.global_)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss.item(), B
+    return (loss.item() if value is None else value), B
+
+
+def mine_shared(subset, q_desc, db_desc, state, config):
+    """`mine_triplets` for `subset`; under torchrun on rank 0 only, then broadcast.
+
+    Every rank could mine identically (the cache is gathered bit for bit to every rank and the
+    RNG states are equal), but mining computes float32 distances and ranks them: on machines
+    of different kinds (CPU vector units, GPU models) a last-bit difference could reorder two
+    near-equal negatives, and the ranks would then silently train on different tuples. Rank 0
+    therefore mines, and broadcasts the tuples together with the state that mining advanced
+    (the negative cache and the NumPy RNG), so every rank agrees on the tuples and on all
+    later draws by construction. The cost is one small broadcast per cache refresh.
+
+    Returns:
+        (tuples, number of skipped queries), the same on every rank.
+    """
+    rng, neg_cache = state["rng"], state["neg_cache"]
+    mined = None
+    if distributed.is_main():
+        mined = mine_triplets(subset, q_desc, db_desc, state["positives"], state["sampler"],
+                              rng, neg_cache, n_neg_sample=config.n_neg_sample,
+                              n_neg_dist=config.n_neg_dist, n_neg=config.n_neg,
+                              margin=config.margin)
+    if not distributed.is_initialized():
+        return mined
+    shared = distributed.broadcast_object(
+        (*mined, neg_cache.state_dict(), rng.bit_generator.state) if mined else None)
+    tuples, skipped, cache_state, rng.bit_generator.state = shared
+    neg_cache.load_state_dict(cache_state)
+    return tuples, skipped
 
 
 def train_epoch(model, optimizer, state, config, device):
@@ -500,7 +544,9 @@ def train_epoch(model, optimizer, state, config, device):
     queries = np.array([q for q, pos in enumerate(state["positives"]) if len(pos) > 0])
     queries = queries[rng.permutation(len(queries))][:config.max_queries]
     cached = state.get("features") is not None
-    net = model.head if cached else model
+    if "net" not in state:  # the trainable module; under torchrun its DDP wrapper, built once
+        state["net"] = distributed.ddp(model.head if cached else model)
+    net = state["net"]
     total_loss, num_tuples, num_skipped = 0.0, 0, 0
 
     for start in range(0, len(queries), config.cache_refresh):
@@ -509,19 +555,18 @@ def train_epoch(model, optimizer, state, config, device):
         cache = refresh_cache(model, state, config, device)
         db_desc, q_desc = cache[:num_db], cache[num_db:]
         # 2. Mine: best positive and hard negatives for each query of this subset.
-        tuples, skipped = mine_triplets(subset, q_desc, db_desc, state["positives"],
-                                        state["sampler"], rng, state["neg_cache"],
-                                        n_neg_sample=config.n_neg_sample,
-                                        n_neg_dist=config.n_neg_dist, n_neg=config.n_neg,
-                                        margin=config.margin)
+        tuples, skipped = mine_shared(subset, q_desc, db_desc, state, config)
         num_skipped += skipped
         if not tuples:
             continue
         # 3. Train on the mined tuples.
         model.train()
-        for batch in tqdm(tuple_loader(tuples, state, config, device), desc="Training",
-                          leave=False):
-            loss, num = train_step(net, batch, optimizer, config, device, images=not cached)
+        plan = (distributed.batch_plan([len(t.negatives) for t in tuples], config.batch_size)
+                if distributed.is_initialized() else None)
+        for i, batch in enumerate(tqdm(tuple_loader(tuples, state, config, device, plan),
+                                       desc="Training", leave=False)):
+            loss, num = train_step(net, batch, optimizer, config, device, images=not cached,
+                                   share=None if plan is None else plan[i])
             total_loss += loss * num
             num_tuples += num
     return {"loss": total_loss / max(num_tuples, 1), "tuples": num_tuples,
@@ -770,7 +815,9 @@ def train(config, run_dir, resume=False, stop_after=None, overwrite=False):
         _check_run_config(run_dir, config, train_split)
         latest = load_checkpoint(run_dir / "latest.pth")
         checkpoint_config(latest, run_dir / "latest.pth", strict=True)
-    _clean_run_dir(run_dir, found, overwrite)
+    distributed.barrier()  # torchrun: every rank has checked the folder before rank 0 writes
+    if distributed.is_main():
+        _clean_run_dir(run_dir, found, overwrite)
     if resume and latest is None:
         print(f"No {display_path(run_dir / 'latest.pth')} yet: starting from scratch")
     # Written before k-means: a read-only or full --out is found at once.
@@ -780,6 +827,7 @@ def train(config, run_dir, resume=False, stop_after=None, overwrite=False):
 
     model = make_model(config, train_split, device)
     optimizer, scheduler = make_optimizer(config, model)
+    distributed.announce(config.batch_size, config.lr)
     rng = np.random.default_rng(config.seed)
     state = {"split": train_split, "positives": positives,
              "sampler": NegativeSampler(train_split.db), "rng": rng,
@@ -798,7 +846,7 @@ def train(config, run_dir, resume=False, stop_after=None, overwrite=False):
                                            latest["best_epoch"])
         start_epoch = latest["epoch"] + 1
         _repair_run(run_dir, latest)
-        if start_epoch < config.epochs:
+        if start_epoch < config.epochs and distributed.is_main():
             (run_dir / "finished").unlink(missing_ok=True)  # more epochs to go
         print(f"Resuming {display_path(run_dir)} after epoch {latest['epoch']}")
         del latest
@@ -819,6 +867,7 @@ def train(config, run_dir, resume=False, stop_after=None, overwrite=False):
         scheduler.step()
         recalls = evaluate_split(model, val_split, config, device,
                                  features=getattr(state["features"], "val", None))
+        recalls = distributed.broadcast_object(recalls)  # one early-stop decision for all
         row = {"epoch": epoch, **stats, "lr": optimizer.param_groups[0]["lr"],
                **{f"recall@{n}": float(r) for n, r in recalls.items()},
                "seconds": round(time.perf_counter() - t0, 2)}

@@ -168,6 +168,16 @@ def _new_file_mode():
     return 0o666 & ~mask
 
 
+def is_main_process():
+    """True on rank 0 of a `torch.distributed` run, or in a single process: the one that writes.
+
+    Every function of the package that writes a file goes through `atomic_write`, which checks
+    it (see `distributed`).
+    """
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def atomic_write(path, data, sync=True):
     """Write `data` to `path` through a temporary file in the same folder, then rename.
 
@@ -179,10 +189,14 @@ def atomic_write(path, data, sync=True):
         data: bytes, str (written as UTF-8), or a function `write(file)` that writes to a
             binary file object (e.g. `lambda f: torch.save(obj, f)`).
 
+    Under `torch.distributed` only rank 0 writes (the others return `path` at once).
+
     Raises:
         OSError (PermissionError, ENOSPC, ...): naming `path`; `path` is then unchanged.
     """
     path = Path(path)
+    if not is_main_process():  # distributed: rank 0 alone writes files
+        return path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
