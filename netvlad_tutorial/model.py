@@ -19,7 +19,14 @@ from torchvision.models import VGG16_Weights
 from torchvision.models.vgg import cfgs, make_layers
 from tqdm import tqdm
 
-from .utils import Precision, atomic_save, cache_dir, load_torch_file, resolve_precision
+from .utils import (
+    Precision,
+    atomic_save,
+    cache_dir,
+    display_path,
+    load_torch_file,
+    resolve_precision,
+)
 
 ENCODER_NAME = "vgg16_conv5"
 IMAGENET_URL = VGG16_Weights.IMAGENET1K_V1.url
@@ -92,8 +99,9 @@ def build_encoder(weights=None, train_all=None):
             _load_vgg_state(encoder, path)
             source = "imagenet"
         else:
-            warnings.warn(f"ImageNet weights for VGG16 not found at {path}; "
-                          "continuing with random initialization", stacklevel=2)
+            warnings.warn(f"ImageNet weights for VGG16 not found at {display_path(path)} "
+                          "(`python -m netvlad_tutorial weights download imagenet` puts them "
+                          "there); continuing with random initialization", stacklevel=2)
     elif weights is not None:
         path = Path(weights)
         if not path.is_file():
