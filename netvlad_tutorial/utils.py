@@ -324,8 +324,10 @@ def ensure_synthetic_city(root=None, preset="tiny", seed=0):
 
 
 def runs_dir():
-    """Where the course keeps training runs (`runs/`, git-ignored)."""
-    return REPO_ROOT / "runs"
+    """Where the course keeps training runs (`runs/`, git-ignored), created when missing."""
+    path = REPO_ROOT / "runs"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 def course_data_root():
