@@ -27,7 +27,7 @@ from netvlad_tutorial.model import (
     prepare_for_device,
     sample_local_descriptors,
 )
-from netvlad_tutorial.utils import REPO_ROOT, cache_dir
+from netvlad_tutorial.utils import REPO_ROOT, cache_dir, display_path
 
 CONV5_LAYERS = (24, 26, 28)  # conv5_1, conv5_2, conv5_3 in `vgg16().features`
 
@@ -98,8 +98,10 @@ def test_imagenet_weights_missing_warns_and_stays_offline(monkeypatch, tmp_path)
     with pytest.warns(UserWarning) as record:
         encoder = build_encoder(weights="imagenet")
     assert len(record) == 1
-    assert str(record[0].message) == (f"ImageNet weights for VGG16 not found at {expected}; "
-                                      "continuing with random initialization")
+    assert str(record[0].message) == (
+        f"ImageNet weights for VGG16 not found at {display_path(expected)} (`python -m "
+        "netvlad_tutorial weights download imagenet` puts them there); continuing with random "
+        "initialization")
     assert encoder.weights_source == "random"
     assert all(p.requires_grad for p in encoder.parameters())  # random: train everything
 
