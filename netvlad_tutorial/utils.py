@@ -7,6 +7,7 @@ import pickle
 import random
 import re
 import signal
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,7 +123,7 @@ def resolve_precision(requested="auto", device="cpu", verbose=True):
     key = (device.type, str(result))
     if verbose and key not in _ANNOUNCED:
         _ANNOUNCED.add(key)
-        print(result)
+        print(result, file=sys.stderr)  # stderr: `evaluate --json` prints only JSON on stdout
     return result
 
 

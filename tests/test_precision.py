@@ -69,9 +69,10 @@ def test_the_choice_is_printed_once_with_its_reason(monkeypatch, capsys):
     _cpu(monkeypatch, False, False)
     for _ in range(3):
         resolve_precision("auto", "cpu")
-    out = capsys.readouterr().out.splitlines()
-    assert out == ["precision: fp32 + channels_last (this CPU has no native bf16: no AMX, "
-                   "no AVX512-BF16)"]
+    captured = capsys.readouterr()
+    assert captured.out == ""  # stdout stays for results (`evaluate --json`)
+    assert captured.err.splitlines() == [
+        "precision: fp32 + channels_last (this CPU has no native bf16: no AMX, no AVX512-BF16)"]
 
 
 def test_autocast_and_memory_format_follow_the_choice(monkeypatch):
