@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from test_feature_cache import _frozen_config  # tests/ is on sys.path under pytest
 from torch.utils.data import Dataset
 
 from netvlad_tutorial import distributed
@@ -25,15 +26,6 @@ from netvlad_tutorial.features import (
 
 WORLD = 2
 BATCH = 2  # per rank; the single-process reference uses WORLD * BATCH
-
-
-def _frozen_config(city, **changes):
-    """The frozen-encoder micro configuration (as in test_feature_cache), fp32, seconds."""
-    config = tr.PRESETS["tiny"].replace(
-        data_root=str(city), image_size=(32, 48), num_clusters=4, epochs=2, n_neg=2,
-        n_neg_sample=20, n_neg_dist=10, cache_refresh=8, kmeans_images=20, kmeans_per_image=4,
-        kmeans_iters=10, precision="fp32", lr=0.1, device="cpu", freeze_encoder=True)
-    return config.replace(**changes)
 
 
 class CountingDataset(Dataset):
