@@ -29,7 +29,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -45,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from netvlad_tutorial import mining  # noqa: E402
-from netvlad_tutorial.bench import pitts_like_struct, slugify  # noqa: E402
+from netvlad_tutorial.bench import device_name, pitts_like_struct, slugify  # noqa: E402
 from netvlad_tutorial.data import NegativeSampler, train_positives  # noqa: E402
 from netvlad_tutorial.evaluate import topk_search  # noqa: E402
 
@@ -221,20 +220,6 @@ def run_isolated(spec):
 # --- Reporting --------------------------------------------------------------------------------
 
 
-def cpu_model():
-    """`lscpu`'s model name, with the number of CPUs."""
-    name = platform.processor() or platform.machine()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} CPUs"
-
-
 ROWS = [  # (label, task, key, format)
     ("train cache (GiB)", "train", "cache_gib", "{:.2f}"),
     ("train peak RSS (GiB)", "train", "peak_rss_gib", "{:.2f}"),
@@ -298,7 +283,7 @@ def main(argv=None):
     if args.child:
         _child(args.child)
         return None
-    result = {"benchmark": "scale", "cpu": cpu_model(), "date":
+    result = {"benchmark": "scale", "cpu": device_name("cpu"), "date":
               datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "scale": args.scale, "dim": DIM, "torch": torch.__version__,
               "numpy": np.__version__, "torch_default_threads": torch.get_num_threads(),
