@@ -5,7 +5,7 @@ Simulated with random unit descriptors (no images), at the real sizes:
 - training: Pitts250k-train, a cache of 91,464 database + 7,824 query descriptors of 32,768-D
   (K = 64 x 512), filled, then hard-negative mining of every training query through
   `mining.mine_triplets` (reference settings: 1,000 sampled negatives, 100 nearest, 10 kept) with
-  `data.NegativeSampler` on Pitts250k-like positions (`bench.pitts_like_struct`);
+  `data.NegativeSampler` on Pitts250k-like positions (`synthetic.pitts_like_struct`);
 - evaluation: Pitts250k-test, 83,952 database x 8,280 query descriptors, exact search
   (`evaluate.topk_search`, the search behind `recall_at_n`) for the 20 nearest.
 
@@ -42,11 +42,14 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # `common`
+
+from common import device_name, slugify  # noqa: E402
 
 from netvlad_tutorial import mining  # noqa: E402
-from netvlad_tutorial.bench import device_name, pitts_like_struct, slugify  # noqa: E402
 from netvlad_tutorial.data import NegativeSampler, train_positives  # noqa: E402
 from netvlad_tutorial.evaluate import topk_search  # noqa: E402
+from netvlad_tutorial.synthetic import pitts_like_struct  # noqa: E402
 
 DIM = 64 * 512
 PITTS250K_TEST = (83_952, 8_280)

@@ -1,27 +1,29 @@
 """NetVLAD 튜토리얼: the helper package of the course, one module per stage.
 
+- `config`: the settings of a run (`TrainConfig`) and its presets (`PRESETS`)
 - `data`: stage 1, datasets (`.mat` dbStruct, positives, negatives); `synthetic`: the tiny city
-- `model`: stage 2, VGG16-conv5 + NetVLAD (+ PCA whitening)
-- `features`: stage 3, the descriptor cache
+- `model`: stage 2, VGG16-conv5 + NetVLAD (+ PCA whitening), k-means init, `make_model`
+- `features`: stage 3, the one inference loop and the descriptor caches
 - `mining`: stage 4, hard-negative mining, tuples, `collate_fn`, triplet loss
-- `train`: stage 5, training with cache refreshes, checkpoints, presets
-- `evaluate`: stage 6, exact search and Recall@N
-- `viz`: the figures of every stage
+- `train`: stage 5, training with cache refreshes, checkpoints, resume
+- `evaluate`: stage 6 (and the recall of 3 and 5), exact search, Recall@N, checkpoints, PCA
+- `viz`: the figures of every stage; `cli`: the command line
+
+The README's "How the package is organized" gives what each module may import.
 """
 
-from .utils import (
+__version__ = "0.1.0"
+
+from .synthetic import course_data_root, ensure_synthetic_city  # noqa: E402
+from .utils import (  # noqa: E402
     atomic_save,
-    course_data_root,
     default_data_root,
-    ensure_synthetic_city,
     get_device,
     load_torch_file,
     resolve_precision,
     runs_dir,
     set_seed,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "atomic_save",

@@ -27,9 +27,10 @@ def _check_data(args):
 
 
 def _train(args):
-    from .train import PRESETS, train
+    from .config import get_preset
+    from .train import train
 
-    config = PRESETS[args.preset].replace(data_root=str(args.data_root))
+    config = get_preset(args.preset).replace(data_root=str(args.data_root))
     if args.name:
         config = config.replace(dataset=args.name)
     overrides = {k: getattr(args, k) for k in ("epochs", "seed", "num_workers", "device")}
@@ -46,7 +47,7 @@ def _train(args):
 
 
 def _evaluate(args):
-    from .train import evaluate_checkpoint
+    from .evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(
         data_root=args.data_root,
@@ -69,9 +70,22 @@ def _evaluate(args):
 
 
 def _bench(args):
-    from .bench import main as bench_main
+    """`bench mining|speed ...`: runs `benchmarks/mining.py` or `benchmarks/speed.py` of the
+    repository (the benchmarks are scripts, not part of the package)."""
+    import runpy
 
-    bench_main(args.rest)
+    from .utils import REPO_ROOT
+
+    names = ("mining", "speed")
+    if not args.rest or args.rest[0] not in names:
+        raise ValueError(f"bench needs one of {', '.join(names)}, e.g. `bench speed --device "
+                         "cpu`; or run `python benchmarks/speed.py` directly")
+    script = REPO_ROOT / "benchmarks" / f"{args.rest[0]}.py"
+    if not script.is_file():
+        raise FileNotFoundError(f"{script} not found: the benchmarks live in the repository's "
+                                "benchmarks/ folder, next to the package")
+    sys.argv = [str(script), *args.rest[1:]]
+    runpy.run_path(str(script), run_name="__main__")
 
 
 def _weights(args):
@@ -156,13 +170,15 @@ def _add_precision(parser):
 
 def build_parser():
     """The argument parser with one sub-command per task."""
-    from .train import PRESETS
+    from .config import PRESETS
+    from .synthetic import PRESETS as CITY_PRESETS
+
     parser = argparse.ArgumentParser(prog="python -m netvlad_tutorial", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("make-synthetic", help="write the synthetic city in the Pittsburgh layout")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    p.add_argument("--preset", default="tiny", choices=sorted(CITY_PRESETS))
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_synthetic)
 

@@ -8,6 +8,8 @@ from a VPR-benchmark image folder. From the positions come the ground truth:
 - negatives: farther than 25 m (drawn on demand by `NegativeSampler`, never listed).
 """
 
+import hashlib
+import time
 from collections import namedtuple
 from pathlib import Path
 
@@ -16,11 +18,12 @@ from PIL import Image
 from scipy.io import loadmat, savemat
 from scipy.io.matlab import MatReadError
 from scipy.spatial import cKDTree
+from sklearn.neighbors import NearestNeighbors
 from torch.utils.data import Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
-from .utils import atomic_write, display_path
+from .utils import atomic_write, display_path, measure
 
 QUERIES_DIR = "queries_real"
 DATASETS_DIR = Path("netvlad_v100_datasets") / "datasets"
@@ -350,6 +353,60 @@ class NegativeSampler:
 # ---------------------------------------------------------------------------------------------
 
 
+def seed_negative_lists(db):
+    """The seed's (and Nanne's) way: radius search, then one `setdiff1d` array per query.
+
+    Returns:
+        (evaluation positives, training positives, negatives): three lists of `numQ` arrays,
+        the negatives each as long as the database.
+    """
+    knn = NearestNeighbors().fit(db.utmDb)
+    dist, positives = knn.radius_neighbors(db.utmQ, radius=db.posDistThr)
+    train = [p[d ** 2 <= db.nonTrivPosDistSqThr] for d, p in zip(dist, positives)]
+    all_db = np.arange(db.numDb)
+    negatives = [np.setdiff1d(all_db, p, assume_unique=True) for p in positives]
+    return positives, train, negatives
+
+
+def project_negatives(db):
+    """This project's way: sorted positives per query and a `NegativeSampler`."""
+    return eval_positives(db), train_positives(db), NegativeSampler(db)
+
+
+def compare_negative_memory(db, num_sample_queries=1000, num_negatives=1000, seed=0):
+    """Time and peak memory of both ways to get positives and negatives for `db`, measured now.
+
+    Returns:
+        dict with `num_db`, `num_q`, `rows` (one `(approach, seconds, peak MiB)` per way) and
+        `sample_us`: the mean time of one `NegativeSampler.sample(q, num_negatives)` call in
+        microseconds (`num_negatives` is capped at a quarter of the database).
+    """
+    rows = [("seed: radius_neighbors + setdiff1d per query", *measure(seed_negative_lists, db)),
+            ("project: positives + NegativeSampler", *measure(project_negatives, db))]
+    sampler, rng = NegativeSampler(db), np.random.default_rng(seed)
+    num_negatives = min(num_negatives, db.numDb // 4)  # small databases have fewer images
+    queries = rng.integers(0, db.numQ, num_sample_queries)
+    start = time.perf_counter()
+    for q in queries:
+        sampler.sample(q, num_negatives, rng)
+    sample_us = (time.perf_counter() - start) / len(queries) * 1e6
+    return {"num_db": db.numDb, "num_q": db.numQ, "rows": rows, "sample_us": sample_us,
+            "num_negatives": num_negatives}
+
+
+def format_negative_memory(result):
+    """The `compare_negative_memory` result as a small table."""
+    lines = [f"Positives and negatives for {result['num_db']:,} database images and "
+             f"{result['num_q']:,} queries",
+             f"{'approach':<48}{'time (s)':>10}{'peak extra memory':>20}"]
+    for name, seconds, mib in result["rows"]:
+        size = f"{mib / 1024:.2f} GiB" if mib >= 1024 else f"{mib:.1f} MiB"
+        lines.append(f"{name:<48}{seconds:>10.2f}{size:>20}")
+    lines.append(f"NegativeSampler.sample(q, {result['num_negatives']}): "
+                 f"{result['sample_us']:.0f} us per query")
+    return "\n".join(lines)
+
+
 def input_transform(resize=None):
     """PIL image -> normalized tensor (ImageNet mean/std), optionally resized to (H, W)."""
     steps = [transforms.Resize(tuple(resize))] if resize is not None else []
@@ -417,6 +474,28 @@ class WholeDataset(Dataset):
                 "every image must have the same size (resize them, or use a preset that sets "
                 "image_size)")
         return self.transform(image), i
+
+
+def whole_dataset(split, config):
+    """`WholeDataset` of a `Split`, resized to `config.image_size` (with no `image_size`, an
+    image of another size than the first is a clear error, not a failed batch)."""
+    return WholeDataset(split.root, split.db, transform=input_transform(config.image_size),
+                        queries_dir=split.queries_dir, same_size=config.image_size is None)
+
+
+def data_fingerprint(split):
+    """A short digest of a split's data: its image lists, positions and first images' bytes.
+
+    Changes when a synthetic city is regenerated with other settings, or a data root points at
+    other data; cheap (two small files are read).
+    """
+    db, root = split.db, Path(split.root)
+    h = hashlib.sha1("\n".join([db.dataset, *db.dbImage, *db.qImage]).encode())
+    h.update(np.ascontiguousarray(db.utmDb, dtype=np.float64).tobytes())
+    h.update(np.ascontiguousarray(db.utmQ, dtype=np.float64).tobytes())
+    for path in (root / db.dbImage[0], root / split.queries_dir / db.qImage[0]):
+        h.update(path.read_bytes() if path.is_file() else b"missing")
+    return h.hexdigest()[:16]
 
 
 class QueryDataset(Dataset):
@@ -555,10 +634,10 @@ def _summary(counts):
             "max": int(counts.max())}
 
 
-def _check_images(paths, desc, decode):
+def _check_images(paths, label, decode):
     """(path, problem) for each image that is missing or does not open."""
     problems = []
-    for path in tqdm(paths, desc=desc, unit="img"):
+    for path in tqdm(paths, desc=label, unit="img"):
         try:
             with Image.open(path) as img:
                 if decode:

@@ -1,11 +1,39 @@
-"""Stage 6: exact nearest-neighbour search and Recall@N, as in the NetVLAD evaluation."""
+"""Stage 6 (and the recall of stages 3 and 5): exact search, Recall@N, checkpoint evaluation.
 
-from pathlib import PurePosixPath
+Reads top to bottom: exact nearest-neighbour search -> Recall@N -> panoramas (Tokyo 24/7) ->
+the descriptors of a split and its recall -> evaluating a checkpoint, with PCA whitening.
+"""
+
+import hashlib
+import os
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
 
-from .utils import get_device
+from .config import PRESETS, get_preset
+from .data import eval_positives, load_split, whole_dataset
+from .features import FeatureDataset, compute_descriptors
+from .model import (
+    PCAWhitening,
+    check_model_config,
+    checkpoint_config,
+    detect_model_format,
+    fit_pca_whitening,
+    load_checkpoint,
+    load_model,
+    load_weights,
+    make_model,
+    model_config,
+)
+from .utils import (
+    atomic_save,
+    display_path,
+    get_device,
+    load_torch_file,
+    resolve_device,
+    resolve_precision,
+)
 
 RECALL_VALUES = (1, 5, 10, 20)
 
@@ -123,3 +151,217 @@ def dedup_panorama(pred_idx, db_image_names):
         kept = row[np.sort(first)]
         out[i, :len(kept)] = kept
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Recall@N of a model on a split, and of a checkpoint (the `evaluate` command)
+# ---------------------------------------------------------------------------------------------
+
+
+def split_descriptors(model, split, config, device, features=None,
+                      label="Caching descriptors"):
+    """(db_desc, q_desc) of a split: one cache pass over database then queries.
+
+    With `features`, the split's cached local features (`FeatureCache`), only the NetVLAD layer
+    (and PCA) runs: the same descriptors as from the images, without the encoder.
+    """
+    precision = resolve_precision(config.precision, device)
+    if features is not None:
+        net, dataset = model.head, FeatureDataset(features)
+    else:
+        net, dataset = model, whole_dataset(split, config)
+    desc_all = compute_descriptors(net, dataset, batch_size=config.cache_batch_size,
+                                   num_workers=0 if features is not None else config.num_workers,
+                                   device=device, precision=precision, label=label)
+    return desc_all[: split.db.numDb], desc_all[split.db.numDb:]
+
+
+def evaluate_split(model, split, config, device, n_values=RECALL_VALUES, features=None):
+    """Recall@N on a split (evaluation positives: within posDistThr, 25 m)."""
+    db_desc, q_desc = split_descriptors(model, split, config, device, features,
+                                        label=f"Evaluating ({split.db.whichSet})")
+    return recall_at_n(q_desc, db_desc, eval_positives(split.db), n_values=n_values)
+
+
+def evaluate_checkpoint(data_root, split="test", checkpoint=None, untrained=False,
+                        preset=None, pca=False, pca_dim=None, name=None, device=None,
+                        precision=None, save_pca=False):
+    """Recall@N of a trained checkpoint, or of the untrained model (`untrained=True`).
+
+    The untrained model is built exactly as training starts (`preset`, default "tiny"): the same
+    seed and k-means centroids.
+    A checkpoint needs only the split evaluated: no train split, no centroid cache. With `pca`,
+    whitening is taken from the checkpoint or the file beside it (`pca_path`) when it has one of
+    that size, else fitted on up to 10,000 training-database descriptors. The checkpoint is
+    never written; `save_pca` stores a fitted layer in `pca_path(checkpoint, dim)`.
+
+    Returns:
+        dict with `recall@N` for N in `RECALL_VALUES`, plus `split`, `dim` and `num_queries`.
+    """
+    if checkpoint is not None and untrained:
+        raise ValueError("give either --checkpoint or --untrained, not both")
+    if checkpoint is None and not untrained:
+        raise ValueError("give --checkpoint RUN_DIR/best.pth, or --untrained")
+    if checkpoint is not None and preset is not None:
+        raise ValueError("--preset is only used with --untrained: a checkpoint brings its own "
+                         "settings")
+    if pca_dim is not None and not pca:
+        raise ValueError("--pca-dim is only used with --pca")
+    if pca_dim is not None and pca_dim < 1:
+        raise ValueError(f"--pca-dim must be at least 1, not {pca_dim}")
+    if save_pca and (not pca or checkpoint is None):
+        raise ValueError("--save-pca needs --pca and --checkpoint (it stores the fitted PCA "
+                         "beside the checkpoint)")
+    config, ckpt = get_preset(preset or "tiny"), None
+    if checkpoint is not None:  # read once: a released model file, or one of this package
+        checkpoint = Path(checkpoint)
+        contents = load_torch_file(checkpoint, "checkpoint") if checkpoint.is_file() else None
+        if released_format(contents):
+            return _evaluate_released(checkpoint, contents, data_root, split, name, device,
+                                      precision, pca, pca_dim)
+        ckpt = load_checkpoint(checkpoint, contents=contents)
+        _check_best_is_current(checkpoint, ckpt)
+        config = checkpoint_config(ckpt, checkpoint, strict=False)
+    config = config.replace(data_root=str(data_root),
+                            **({"precision": precision} if precision else {}),
+                            **({"dataset": name} if name else {}),
+                            **({"device": device} if device else {}))
+    device = resolve_device(config)
+    eval_split = load_split(config.data_root, split, name=config.dataset)
+    train_split = None
+    if untrained:
+        train_split = load_split(config.data_root, "train", name=config.dataset,
+                                 allow_flat=False)
+    model = make_model(config, train_split, device)
+    if checkpoint is not None:
+        check_model_config(ckpt, checkpoint, model_config(model))
+        load_weights(model, ckpt, checkpoint)
+    if pca:
+        model.pca = load_or_fit_pca(model, config, train_split, device, pca_dim, checkpoint,
+                                    save=save_pca, ckpt=ckpt)
+    recalls = evaluate_split(model, eval_split, config, device)
+    result = {f"recall@{n}": float(r) for n, r in recalls.items()}
+    result.update(split=split, dim=int(model.out_dim), num_queries=int(eval_split.db.numQ),
+                  model="untrained" if untrained and checkpoint is None else str(checkpoint))
+    return result
+
+
+def _check_best_is_current(path, ckpt):
+    """Raise if `path` is a run's `best.pth` that is behind its `latest.pth` (a run stopped
+    between the two writes of one epoch); `train --resume` repairs it."""
+    latest = path.parent / "latest.pth"
+    if path.name != "best.pth" or not latest.is_file():
+        return
+    best_epoch = load_checkpoint(latest).get("best_epoch")
+    if best_epoch is not None and ckpt.get("epoch") != best_epoch:
+        raise ValueError(f"{path} holds epoch {ckpt.get('epoch')}, but {latest} says the best "
+                         f"is epoch {best_epoch}: the run stopped while saving; `train --resume "
+                         f"--out {path.parent}` repairs it")
+
+
+def released_format(contents):
+    """"patchnetvlad" or "nanne" for the contents of a released model file
+    (`model.detect_model_format`); None for this project's checkpoints, for files of no known
+    format and for None (no file)."""
+    if contents is None:
+        return None
+    try:
+        fmt = detect_model_format(contents)
+    except ValueError:
+        return None
+    return None if fmt == "netvlad_tutorial" else fmt
+
+
+def _evaluate_released(checkpoint, contents, data_root, split, name, device, precision, pca,
+                       pca_dim):
+    """`evaluate_checkpoint` for Patch-NetVLAD and Nanne files (`model.load_model`): their
+    input rule (Patch-NetVLAD resizes to 480x640), the reference settings otherwise."""
+    config = PRESETS["pitts30k"].replace(data_root=str(data_root), weights=None, dataset=name,
+                                         **({"precision": precision} if precision else {}),
+                                         **({"device": device} if device else {}))
+    device = resolve_device(config)
+    model, info = load_model(checkpoint, device, contents=contents)
+    config = config.replace(image_size=info["image_size"],
+                            num_workers=min(config.num_workers, os.cpu_count() or 1))
+    print(f"{display_path(checkpoint)}: {info['format']} weights, K = {info['num_clusters']}, "
+          f"{info['out_dim']}-D; input: {info['input_rule']}")
+    eval_split = load_split(config.data_root, split, name=config.dataset)
+    if pca:
+        if model.pca is not None:
+            raise ValueError(f"{checkpoint} already holds its PCA whitening (WPCA to "
+                             f"{info['pca_dim']}-D): evaluate it without --pca")
+        model.pca = load_or_fit_pca(model, config, None, device, pca_dim)
+    recalls = evaluate_split(model, eval_split, config, device)
+    result = {f"recall@{n}": float(r) for n, r in recalls.items()}
+    result.update(split=split, dim=int(model.out_dim), num_queries=int(eval_split.db.numQ),
+                  model=str(checkpoint), format=info["format"])
+    return result
+
+
+def pca_path(checkpoint, dim):
+    """Where `--save-pca` keeps the PCA of `checkpoint`: `RUN/best.pca{dim}.pth` beside it."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(f"{checkpoint.stem}.pca{dim}.pth")
+
+
+def _weights_digest(state_dict):
+    """A short digest of a state dict's tensors: ties a PCA file to its checkpoint."""
+    h = hashlib.sha1()
+    for key in sorted(state_dict):
+        h.update(key.encode())
+        h.update(state_dict[key].detach().cpu().contiguous().view(torch.uint8).numpy()
+                 .tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_or_fit_pca(model, config, train_split, device, pca_dim=None, checkpoint=None,
+                    save=False, ckpt=None):
+    """PCA whitening of `model`: from `checkpoint` (or the file beside it) if it holds one of
+    that size, else fitted on up to 10,000 training-database descriptors (the reference).
+
+    Args:
+        train_split: the split to fit on; None: loaded from `config` only if fitting is needed.
+        pca_dim: the output size; None: `config.pca_dim` (reduced, with a note, when the
+            data is too small for it). An explicit size larger than possible is an error.
+        checkpoint: a checkpoint file; it is read, never written.
+        save: store a fitted layer in `pca_path(checkpoint, dim)`.
+        ckpt: `checkpoint` as already loaded (`model.load_checkpoint`), so it is read once.
+    """
+    if ckpt is None:
+        ckpt = load_checkpoint(checkpoint) if checkpoint else {}
+    dim = pca_dim or config.pca_dim
+    stored = ckpt.get("pca")
+    if stored is None or stored["out_dim"] != dim:
+        stored = None
+        side = pca_path(checkpoint, dim) if checkpoint else None
+        if side is not None and side.is_file():
+            stored = load_torch_file(side, "PCA file")
+            if stored.get("weights") != _weights_digest(ckpt["model"]):
+                raise ValueError(f"{side} was fitted for other weights than {checkpoint}; "
+                                 "remove it or run with --save-pca to fit it again")
+    if stored is not None:
+        layer = PCAWhitening(stored["in_dim"], stored["out_dim"])
+        layer.load_state_dict(stored["state_dict"])
+        return layer.to(device)
+    if train_split is None:
+        train_split = load_split(config.data_root, "train", name=config.dataset,
+                                 allow_flat=False)
+    limit = min(model.out_dim, min(train_split.db.numDb, 10000) - 1)
+    if dim > limit:
+        if pca_dim is not None:
+            raise ValueError(f"--pca-dim {pca_dim} is larger than possible: at most {limit} "
+                             f"(descriptor size {model.out_dim}, {train_split.db.numDb} "
+                             "training database images to fit on)")
+        print(f"PCA: {limit} dimensions, not the preset's {dim} (too little data)")
+        dim = limit
+    db_desc, _ = split_descriptors(model, train_split, config, device,
+                                   label="Descriptors for PCA")
+    db_desc = db_desc[np.random.default_rng(config.seed).permutation(len(db_desc))[:10000]]
+    layer = fit_pca_whitening(db_desc, dim)
+    if save:
+        path = atomic_save({"in_dim": layer.in_dim, "out_dim": layer.out_dim,
+                            "state_dict": layer.state_dict(),
+                            "weights": _weights_digest(ckpt["model"])},
+                           pca_path(checkpoint, dim))
+        print(f"PCA whitening saved to {path}")
+    return layer.to(device)

@@ -69,7 +69,7 @@ def run_inference(model, dataset, batch_size=24, num_workers=0, device=None, pre
         dtype: `np.float16` (default, half the memory) or `np.float32`; never float64.
         out_path: if given, a disk-backed `.npy` file (`np.lib.format.open_memmap`) holds the
             result instead of RAM.
-        label: the progress bar's label.
+        label: the progress bar's label; None: no progress bar.
 
     Under `torch.distributed` (see `distributed`), each rank runs only its `distributed.shard`
     of the items and every rank gets the whole array, in the same order, gathered exactly; a
@@ -92,7 +92,7 @@ def run_inference(model, dataset, batch_size=24, num_workers=0, device=None, pre
     out = None
     try:
         with torch.no_grad():
-            for inputs, indices in tqdm(loader, desc=label, unit="batch"):
+            for inputs, indices in tqdm(loader, desc=label, unit="batch", disable=label is None):
                 inputs = precision.images(inputs.to(device, non_blocking=True))  # (B, ...)
                 with precision.autocast(device):
                     outputs = model(inputs)  # `outputs`: (B, ...)

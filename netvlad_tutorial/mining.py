@@ -9,8 +9,10 @@ For a training query, from a descriptor cache of the training split:
 """
 
 import contextlib
+import math
 import warnings
 from collections import namedtuple
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from .data import QUERIES_DIR, input_transform, load_image
+from .data import QUERIES_DIR, NegativeSampler, Split, input_transform, load_image
 
 MinedTuple = namedtuple("MinedTuple",
                         ["query", "positive", "negatives", "d_pos", "d_negs", "sampled"])
@@ -58,6 +60,33 @@ class NegativeCache:
             raise ValueError(f"negative cache of shape {negatives.shape} does not fit "
                              f"{self.negatives.shape} (numQ, n_neg)")
         self.negatives = negatives.copy()
+
+
+@dataclass
+class MiningState:
+    """What mining carries from one cache refresh and one epoch to the next.
+
+    `neg_cache` and `rng` are saved in checkpoints, so that a resumed run mines the same tuples.
+
+    Attributes:
+        split: the training `data.Split`.
+        positives: per query, its training positives (`data.train_positives`).
+        sampler: the `data.NegativeSampler` of the split.
+        rng: the `np.random.Generator` of every draw.
+        neg_cache: the `NegativeCache`, hard negatives of last time.
+        work_dir: the folder of disk-backed caches (None: in memory only).
+        features: a frozen encoder's cached output (`train.FeatureCache`), or None.
+        net: the module that trains (under torchrun its DDP wrapper), built by the first epoch.
+    """
+
+    split: Split
+    positives: list
+    sampler: NegativeSampler
+    rng: np.random.Generator
+    neg_cache: NegativeCache
+    work_dir: Path | None = None
+    features: object = None
+    net: object = None
 
 
 def _float32(x, device):
@@ -126,7 +155,7 @@ def torch_threads(num_threads):
         torch.set_num_threads(before)
 
 
-def mine_tuple(q, q_desc_row, db_desc, train_pos_q, sampler, rng, neg_cache=None,
+def mine_tuple(q, q_desc_row, db_desc, train_pos_q, sampler, rng, neg_cache=None, *,
                n_neg_sample=1000, n_neg_dist=100, n_neg=10, margin=0.1, device=None):
     """The best positive and the hard negatives of training query `q` as a `MinedTuple`.
 
@@ -140,7 +169,8 @@ def mine_tuple(q, q_desc_row, db_desc, train_pos_q, sampler, rng, neg_cache=None
         sampler: `data.NegativeSampler`, drawing database indices beyond 25 m.
         rng: `np.random.Generator` given to the sampler.
         neg_cache: `NegativeCache` or None.
-        margin: the loss margin; negatives must satisfy `d_neg < d_pos + sqrt(margin)`.
+        margin: the margin on squared distances (`TrainConfig.margin`, 0.1); on the plain
+            distances compared here, negatives must satisfy `d_neg < d_pos + sqrt(margin)`.
         device: where to compute distances (default: `db_desc`'s device if a tensor, else CPU).
     """
     if device is None:
@@ -162,7 +192,7 @@ def mine_tuple(q, q_desc_row, db_desc, train_pos_q, sampler, rng, neg_cache=None
                       float(d_pos_all[best]), d_negs.cpu().numpy(), sampled)
 
 
-def mine_triplets(queries, q_desc, db_desc, train_positives, sampler, rng, neg_cache,
+def mine_triplets(queries, q_desc, db_desc, train_positives, sampler, rng, neg_cache, *,
                   n_neg_sample=1000, n_neg_dist=100, n_neg=10, margin=0.1, device=None,
                   num_threads=1):
     """Mine a tuple for each query of `queries`: (list of `MinedTuple`, number of skipped).
@@ -248,7 +278,7 @@ def collate_fn(batch):
             list(indices))
 
 
-def triplet_loss(q, p, negs, neg_counts, margin=0.1 ** 0.5):
+def triplet_loss(q, p, negs, neg_counts, margin=0.1):
     """The reference triplet loss of a batch of tuples, divided by the number of negatives.
 
     Equal to `nn.TripletMarginLoss(margin=sqrt(0.1), p=2, reduction="sum")` summed over every
@@ -260,7 +290,11 @@ def triplet_loss(q, p, negs, neg_counts, margin=0.1 ** 0.5):
         q, p: (B, D) query and positive descriptors.
         negs: (N, D) negative descriptors, grouped by tuple.
         neg_counts: (B,) negatives per tuple, summing to N (on the descriptors' device).
+        margin: the margin on squared distances, as `TrainConfig.margin` and `mine_tuple`;
+            the loss, on plain distances, uses `distance_margin = sqrt(margin)`.
     """
+    distance_margin = math.sqrt(margin)
     q = q.repeat_interleave(neg_counts, dim=0)  # `q`: (N, D)
     p = p.repeat_interleave(neg_counts, dim=0)  # `p`: (N, D)
-    return F.triplet_margin_loss(q, p, negs, margin=margin, p=2, reduction="sum") / len(negs)
+    return F.triplet_margin_loss(q, p, negs, margin=distance_margin, p=2,
+                                 reduction="sum") / len(negs)

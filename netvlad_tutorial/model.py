@@ -5,6 +5,7 @@ thing as one matrix product) -> k-means initialization -> PCA whitening and the 
 """
 
 import hashlib
+import json
 import warnings
 from pathlib import Path
 from urllib.parse import urlparse
@@ -14,25 +15,29 @@ import torch
 import torch.nn.functional as F
 from sklearn.cluster import KMeans
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Dataset
 from torchvision.models import VGG16_Weights
 from torchvision.models.vgg import cfgs, make_layers
 from tqdm import tqdm
 
+from . import __version__, distributed
+from .config import TRAINABLE, TrainConfig
+from .data import data_fingerprint, whole_dataset
+from .features import run_inference
 from .utils import (
-    Precision,
     atomic_save,
     cache_dir,
     display_path,
     load_torch_file,
     resolve_precision,
+    set_seed,
 )
 
 ENCODER_NAME = "vgg16_conv5"
 IMAGENET_URL = VGG16_Weights.IMAGENET1K_V1.url
 
 
-def _float32(x):
+def _autocast_off(x):
     """A context with autocast off on `x`'s device: the code inside runs in float32."""
     return torch.autocast(x.device.type, enabled=False)
 
@@ -79,14 +84,15 @@ def _load_vgg_state(encoder, path):
     raise ValueError(f"{path} is not {layout}; found {found}")
 
 
-def build_encoder(weights=None, train_all=None):
+def build_encoder(weights=None, trainable=None):
     """VGG16 up to conv5_3, before its ReLU and pool5: 512 channels at stride 16.
 
     Args:
         weights: None (random), "imagenet" (torchvision's file, used only if it is already on
             this machine: nothing is downloaded) or the path of a local state dict.
-        train_all: train every layer. Default: with loaded weights only conv5_1..conv5_3 train
-            (as the reference); with random weights all layers train.
+        trainable: "all" (every layer trains), "conv5" (only conv5_1..conv5_3, as the
+            reference) or "netvlad" (no encoder layer: a frozen encoder). None: "conv5" with
+            loaded weights, "all" with random ones.
 
     Returns:
         `nn.Sequential` with `weights_source` ("random", "imagenet" or the file) and `name`.
@@ -109,9 +115,12 @@ def build_encoder(weights=None, train_all=None):
                                     "dict saved with torch.save)")
         _load_vgg_state(encoder, path)
         source = str(path)
-    if train_all is None:
-        train_all = source == "random"
-    encoder[:-5].requires_grad_(train_all)  # everything before conv5_1
+    if trainable is None:
+        trainable = "all" if source == "random" else "conv5"
+    if trainable not in TRAINABLE:
+        raise ValueError(f"trainable must be one of {', '.join(TRAINABLE)}, not {trainable!r}")
+    encoder[:-5].requires_grad_(trainable == "all")  # everything before conv5_1
+    encoder[-5:].requires_grad_(trainable != "netvlad")  # conv5_1..conv5_3
     encoder.weights_source, encoder.name = source, ENCODER_NAME
     return encoder
 
@@ -203,12 +212,12 @@ class NetVLAD(nn.Module):
 
     def soft_assign(self, x):
         """Weight of each cluster at each position (B, K, H, W) of local descriptors `x`."""
-        with _float32(x):
+        with _autocast_off(x):
             return self._assign(x)[1]
 
     def forward(self, x):
         """VLAD vectors (B, K*D) of local descriptors `x` (B, D, H, W), computed in float32."""
-        with _float32(x):
+        with _autocast_off(x):
             x, a = self._assign(x)
             x, a = x.flatten(2), a.flatten(2)  # `x`: (B, D, N), `a`: (B, K, N) with N = H*W
             # sum_n a_kn (x_n - c_k) = sum_n a_kn x_n - (sum_n a_kn) c_k, for all k at once
@@ -228,11 +237,26 @@ def _num_db(dataset):
     return int(db.numDb) if db is not None else len(dataset)
 
 
+class _UnitLocalDescriptors(nn.Module):
+    """`encoder`'s local descriptors as rows: (B, 3, H, W) -> (B, h*w, D), L2-normalized."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, images):
+        x = self.encoder(images)  # `x`: (B, D, h, w)
+        with _autocast_off(x):
+            return F.normalize(x.float(), dim=1).flatten(2).transpose(1, 2)  # (B, h*w, D)
+
+
 def sample_local_descriptors(encoder, dataset, num_images=500, per_image=100, batch_size=16,
                              num_workers=0, device=None, precision=None, seed=0):
     """Random L2-normalized local descriptors from database images, for k-means.
 
-    Reference: 100 random positions from each of 500 random database images.
+    Reference: 100 random positions from each of 500 random database images. The images are
+    encoded by `features.run_inference`, one batch at a time, so that only a batch of whole
+    feature maps is held at once.
 
     Args:
         encoder: images (B, 3, H, W) -> local descriptors (B, D, h, w).
@@ -245,51 +269,36 @@ def sample_local_descriptors(encoder, dataset, num_images=500, per_image=100, ba
     rng = np.random.default_rng(seed)
     num_db = _num_db(dataset)
     images = np.sort(rng.choice(num_db, min(num_images, num_db), replace=False))
-    loader = DataLoader(Subset(dataset, images.tolist()), batch_size=batch_size,
-                        num_workers=num_workers)
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
-    if not isinstance(precision, Precision):
-        precision = resolve_precision(precision or "auto", device)
-    was_training = encoder.training
-    encoder.eval()
+    net = _UnitLocalDescriptors(encoder)
     descs = []
-    with torch.no_grad():
-        for batch, _ in tqdm(loader, desc="Local descriptors for k-means", unit="batch"):
-            batch = precision.images(batch.to(device))  # `batch`: (B, 3, H, W)
-            with precision.autocast(device):
-                x = encoder(batch)  # `x`: (B, D, h, w)
-            x = F.normalize(x.float(), dim=1).flatten(2).transpose(1, 2)  # `x`: (B, h*w, D)
-            for xi in x.cpu().numpy():  # `xi`: (h*w, D)
-                descs.append(xi[rng.choice(len(xi), min(per_image, len(xi)), replace=False)])
-    encoder.train(was_training)
+    for start in tqdm(range(0, len(images), batch_size), desc="Local descriptors for k-means",
+                      unit="batch"):
+        batch = _Renumbered(dataset, images[start:start + batch_size])
+        x = run_inference(net, batch, batch_size, num_workers, device, precision,
+                          dtype=np.float32, label=None)  # `x`: (B, h*w, D)
+        for xi in x:  # `xi`: (h*w, D)
+            descs.append(xi[rng.choice(len(xi), min(per_image, len(xi)), replace=False)])
     return np.concatenate(descs).astype(np.float32)  # (N, D)
+
+
+class _Renumbered(Dataset):
+    """The items `indices` of `dataset`, renumbered: item i is `(dataset[indices[i]][0], i)`."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.dataset[int(self.indices[i])][0], i
 
 
 def kmeans_centroids(descs, k=64, iters=100, seed=0):
     """K-means centroids (K, D) float32 of `descs` (N, D): k-means++ then `iters` Lloyd steps."""
     km = KMeans(n_clusters=k, n_init=1, max_iter=iters, tol=0.0, random_state=seed)
     return km.fit(np.asarray(descs, dtype=np.float32)).cluster_centers_.astype(np.float32)
-
-
-def _weights_key(encoder):
-    """`<weights source>-<hash of the encoder's weights>` for cache file names."""
-    digest = hashlib.sha1()
-    for name, t in encoder.state_dict().items():
-        digest.update(name.encode())
-        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
-    source = getattr(encoder, "weights_source", "custom")
-    tag = Path(source).stem if source not in ("random", "imagenet") else source
-    return f"{tag}-{digest.hexdigest()[:10]}"
-
-
-def centroids_cache_path(model, dataset, num_images=500, per_image=100):
-    """Default cache file of `init_netvlad` in `utils.cache_dir()`, keyed by encoder, dataset
-    and K."""
-    db = getattr(dataset, "db", None)
-    data = f"{db.dataset}_{db.whichSet}" if db is not None else type(dataset).__name__
-    name = (f"centroids_{getattr(model.encoder, 'name', 'encoder')}_{_weights_key(model.encoder)}"
-            f"_{data}{_num_db(dataset)}_K{model.pool.num_clusters}_{num_images}x{per_image}.pt")
-    return cache_dir() / name
 
 
 def init_netvlad(model, dataset, cache_path=None, num_images=500, per_image=100, iters=100,
@@ -303,16 +312,14 @@ def init_netvlad(model, dataset, cache_path=None, num_images=500, per_image=100,
     Args:
         model: an `EmbedNet`.
         dataset: items `(image, index)`, database first (e.g. the training `WholeDataset`).
-        cache_path: the file; default: `centroids_cache_path(model, dataset, ...)`.
+        cache_path: the cache file (`centroids_path`); None: computed, not cached.
 
     Returns:
         dict with `centroids` (K, D), `alpha`, `num_descriptors` and `path`.
     """
-    if cache_path is None:
-        cache_path = centroids_cache_path(model, dataset, num_images, per_image)
-    cache_path = Path(cache_path)
+    cache_path = Path(cache_path) if cache_path is not None else None
     init = None
-    if cache_path.exists():
+    if cache_path is not None and cache_path.exists():
         try:
             init = load_torch_file(cache_path, "centroid cache")
         except ValueError as err:  # a damaged cache file is computed again
@@ -323,7 +330,8 @@ def init_netvlad(model, dataset, cache_path=None, num_images=500, per_image=100,
         centroids = kmeans_centroids(descs, model.pool.num_clusters, iters, seed)
         init = {"centroids": torch.from_numpy(centroids),
                 "alpha": assignment_alpha(centroids, descs), "num_descriptors": len(descs)}
-        atomic_save(init, cache_path)
+        if cache_path is not None:
+            atomic_save(init, cache_path)
     model.pool.set_centroids(init["centroids"], init["alpha"])
     return {**init, "path": cache_path}
 
@@ -344,7 +352,7 @@ class PCAWhitening(nn.Module):
 
     def forward(self, v):
         """Whitened unit descriptors (B, out_dim) of `v` (B, in_dim), computed in float32."""
-        with _float32(v):
+        with _autocast_off(v):
             return F.normalize(self.linear(v.float()), dim=1)  # (B, out_dim)
 
 
@@ -425,13 +433,13 @@ class EmbedNet(nn.Module):
         return self.head(x)  # (B, out_dim)
 
 
-def build_model(num_clusters=64, weights=None, pca_dim=None, train_all=None, alpha=100.0,
+def build_model(num_clusters=64, weights=None, pca_dim=None, trainable=None, alpha=100.0,
                 normalize_input=True, bias=False):
     """VGG16-conv5 + NetVLAD (+ an unfitted PCA whitening layer if `pca_dim`).
 
     Args are those of `build_encoder`, `NetVLAD` and `PCAWhitening`.
     """
-    encoder = build_encoder(weights, train_all)
+    encoder = build_encoder(weights, trainable)
     dim = encoder[-1].out_channels  # 512
     pool = NetVLAD(num_clusters, dim, alpha, normalize_input, bias)
     pca = PCAWhitening(num_clusters * dim, pca_dim) if pca_dim else None
@@ -452,6 +460,48 @@ def prepare_for_device(model, device, fast=True):
     model.to(device)
     if fast:
         model.encoder.to(memory_format=torch.channels_last)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# The model of a run: built from its `TrainConfig`, k-means centroids cached
+# ---------------------------------------------------------------------------------------------
+
+
+def centroids_path(config, split):
+    """A cache file name for the k-means initialization, keyed by everything it depends on,
+    the data included (`data_fingerprint`): a regenerated city gets new centroids."""
+    key = json.dumps([str(Path(split.root).resolve()), split.db.dataset, config.image_size,
+                      config.weights, config.num_clusters, config.kmeans_images,
+                      config.kmeans_per_image, config.kmeans_iters, config.seed,
+                      data_fingerprint(split)])
+    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+    name = f"centroids_vgg16_{config.weights or 'random'}_{split.db.dataset}"
+    return cache_dir() / f"{name}_K{config.num_clusters}_{digest}.pt"
+
+
+def make_model(config, train_split, device):
+    """VGG16-conv5 + NetVLAD, seeded, with k-means centroids (computed once, then cached).
+
+    Args:
+        train_split: the split to draw k-means descriptors from; None when the weights come
+            from a checkpoint (no k-means, no centroid cache, no training data, and no
+            pretrained encoder file needed).
+    """
+    set_seed(config.seed)
+    # Without a train split no pretrained file is read: the checkpoint holds every weight.
+    weights = config.weights if train_split is not None else None
+    model = build_model(num_clusters=config.num_clusters, weights=weights,
+                        trainable=config.trainable)
+    model.to(device)
+    if train_split is None:
+        return model
+    init_netvlad(model, whole_dataset(train_split, config),
+                 cache_path=centroids_path(config, train_split),
+                 num_images=config.kmeans_images, per_image=config.kmeans_per_image,
+                 iters=config.kmeans_iters, seed=config.seed, device=device,
+                 precision=resolve_precision(config.precision, device))
+    distributed.sync_module(model)  # torchrun: every rank starts from rank 0's weights
     return model
 
 
@@ -573,7 +623,7 @@ def _own_model(ckpt, path):
     return model
 
 
-def load_model(path, device=None):
+def load_model(path, device=None, contents=None):
     """A NetVLAD model from a file of this project, of Patch-NetVLAD or of Nanne/pytorch-NetVlad.
 
     The format is detected from the file's contents (`detect_model_format`), never its name,
@@ -585,6 +635,7 @@ def load_model(path, device=None):
     Args:
         path: the file.
         device: where to put the model (default: CPU).
+        contents: the file as `utils.load_torch_file` read it, if the caller already has it.
 
     Returns:
         (model, info): an `EmbedNet` in eval mode with gradients off, and a dict with
@@ -592,7 +643,7 @@ def load_model(path, device=None):
         whitening), `out_dim`, `vladv2` (assignment bias), `image_size` ((H, W) to resize to,
         None: as the files are) and `input_rule` (the input rule in words).
     """
-    obj = load_torch_file(path, "model file")
+    obj = contents if contents is not None else load_torch_file(path, "model file")
     try:
         fmt = detect_model_format(obj)
     except ValueError:
@@ -626,3 +677,60 @@ def load_model(path, device=None):
     model.requires_grad_(False)
     model.eval()
     return model.to(device or "cpu"), info
+
+
+# ---------------------------------------------------------------------------------------------
+# This project's checkpoints (`train` writes them)
+# ---------------------------------------------------------------------------------------------
+
+
+def load_checkpoint(path, expected_config=None, contents=None):
+    """Load a checkpoint (never running code: `utils.load_torch_file`), with clear errors.
+
+    Args:
+        expected_config: the `model_config` the checkpoint must have, if given.
+        contents: the file as already read (`utils.load_torch_file`): only checked here.
+
+    Raises:
+        FileNotFoundError, ValueError: one line naming the file and what was expected.
+    """
+    path = Path(path)
+    if not path.is_file():
+        hint = ""
+        if path.name == "best.pth" and (path.parent / "latest.pth").is_file():
+            hint = (f"; {path.parent} holds an interrupted run: `train --resume --out "
+                    f"{path.parent}` completes it and writes {path.name}")
+        raise FileNotFoundError(f"checkpoint {path} not found (expected RUN_DIR/best.pth or "
+                                f"RUN_DIR/latest.pth, written by `netvlad_tutorial train`){hint}")
+    ckpt = contents if contents is not None else load_torch_file(path, "checkpoint")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise ValueError(f"{path} is not a checkpoint of this package (no model/model_config)")
+    if expected_config is not None:
+        check_model_config(ckpt, path, expected_config)
+    return ckpt
+
+
+def check_model_config(ckpt, path, expected_config):
+    """Raise unless checkpoint `ckpt` (read from `path`) is of the model `expected_config`."""
+    if ckpt["model_config"] != expected_config:
+        raise ValueError(f"checkpoint {path} was saved for model {ckpt['model_config']}, "
+                         f"but this run builds {expected_config}; use the matching --preset")
+
+
+def checkpoint_config(ckpt, path, strict=True):
+    """The `TrainConfig` stored in checkpoint `ckpt` (read from `path`), see `from_dict`."""
+    if not isinstance(ckpt.get("config"), dict):
+        raise ValueError(f"{path} is not a checkpoint of this package (no config)")
+    return TrainConfig.from_dict(ckpt["config"], source=str(path), strict=strict,
+                                 version=ckpt.get("version"))
+
+
+def load_weights(model, ckpt, path):
+    """`model.load_state_dict(ckpt["model"])` with a clear error when they do not fit."""
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError, TypeError) as err:
+        first = str(err).strip().splitlines()[0]
+        by = ckpt.get("version", "an older or newer version")
+        raise ValueError(f"{path}: its weights do not fit the model of netvlad_tutorial "
+                         f"{__version__} (written by {by}): {first}") from err

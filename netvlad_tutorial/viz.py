@@ -17,10 +17,11 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Circle, FancyArrowPatch, FancyBboxPatch
 from matplotlib.ticker import MaxNLocator, NullFormatter
 from PIL import Image
+from scipy.spatial import cKDTree
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 
-from .data import IMAGENET_MEAN, IMAGENET_STD
+from .data import IMAGENET_MEAN, IMAGENET_STD, DbStruct, load_split
 from .utils import atomic_write
 
 FRAME_WIDTH = 4
@@ -496,3 +497,72 @@ def make_figures(out_dir="figures"):
                                                           metadata={"Software": None}))
         paths.append(path)
     return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets on the map and in pictures (notebook 01)
+# ---------------------------------------------------------------------------------------------
+
+
+def show_city(root, split="train", num_places=3, max_views=6, max_queries=2, name=None,
+              seed=0):
+    """A figure: for a few places, their database views (one row) and nearby queries.
+
+    Works on any dataset in a layout `load_split` reads: a place is the set of database images
+    at the same position; its queries are those nearest to it.
+
+    Args:
+        num_places: rows, chosen at random (`seed`) among places that have queries.
+        max_views, max_queries: database views and queries shown per place.
+    """
+    loaded = load_split(root, split, name)
+    db, root, queries_dir = loaded.db, Path(loaded.root), loaded.queries_dir
+    places, place_of = np.unique(db.utmDb, axis=0, return_inverse=True)
+    place_of = place_of.ravel()
+    dist, nearest = cKDTree(places).query(db.utmQ)  # each query's nearest place
+    rng = np.random.default_rng(seed)
+    with_queries = np.unique(nearest)
+    chosen = np.sort(rng.choice(with_queries, min(num_places, len(with_queries)), replace=False))
+    rows = []
+    for p in chosen:
+        views = np.flatnonzero(place_of == p)[:max_views]
+        queries = np.flatnonzero(nearest == p)[:max_queries]
+        rows.append([(root / db.dbImage[i], f"db {Path(db.dbImage[i]).stem}") for i in views]
+                    + [(root / queries_dir / db.qImage[q],
+                        f"query {Path(db.qImage[q]).stem}, {dist[q]:.1f} m") for q in queries])
+    cols = max(map(len, rows))
+    fig = NotebookFigure(figsize=(1.9 * cols, 1.6 * len(rows)), layout="constrained")
+    for axes, panels in zip(fig.subplots(len(rows), cols, squeeze=False), rows):
+        for ax in axes:
+            ax.axis("off")
+        for ax, (path, title) in zip(axes, panels):
+            with Image.open(path) as img:
+                ax.imshow(img.convert("RGB"))
+            ax.set_title(title, fontsize=6)
+    fig.suptitle(f"{db.dataset} {db.whichSet}: database views of a place, then its queries",
+                 fontsize=9)
+    return fig
+
+
+def plot_city_map(dbs, ax=None):
+    """Database places and queries of one or more `DbStruct`s on a UTM map; returns the figure.
+
+    Args:
+        dbs: a `DbStruct` or a list of them (e.g. train, val and test).
+        ax: a matplotlib axes to draw on; by default a new figure.
+    """
+    dbs = [dbs] if isinstance(dbs, DbStruct) else list(dbs)
+    if ax is None:
+        ax = NotebookFigure(figsize=(6, 5), layout="constrained").subplots()
+    for i, db in enumerate(dbs):
+        colour = f"C{i}"
+        ax.scatter(*db.utmDb.T, s=6, color=colour, label=f"{db.whichSet} database")
+        ax.scatter(*db.utmQ.T, s=14, marker="x", color=colour, alpha=0.6,
+                   label=f"{db.whichSet} queries")
+    ax.set_aspect("equal")
+    ax.set_xlabel("UTM easting (m)")
+    ax.set_ylabel("UTM northing (m)")
+    ax.ticklabel_format(useOffset=False, style="plain")
+    ax.tick_params(axis="x", labelrotation=30)
+    ax.legend(fontsize=7, markerscale=1.5)
+    return ax.figure

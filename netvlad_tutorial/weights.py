@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .model import IMAGENET_URL, detect_model_format, imagenet_weights_path
-from .utils import load_torch_file
+from .utils import atomic_write, load_torch_file
 
 WEIGHTS_URL_ENV = "NETVLAD_WEIGHTS_URL"
 
@@ -204,7 +204,7 @@ def download_weights(name, base_url=None, progress=True, allow_unverified=False)
         if tmp.exists():
             tmp.unlink()
     if entry.sha256 is None:
-        _sidecar(path).write_text(f"{digest}  {path.name}\n")
+        atomic_write(_sidecar(path), f"{digest}  {path.name}\n")
         print(f"  unverified download (no published hash); sha256 {digest}, saved in "
               f"{_sidecar(path)}")
     print(f"{entry.name}: saved to {path}")

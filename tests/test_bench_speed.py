@@ -1,6 +1,9 @@
-"""The speed benchmark: the loop NetVLAD module, image decoding paths and a miniature run."""
+"""The speed benchmark (`benchmarks/speed.py`): the loop NetVLAD module, image decoding paths
+and a miniature run."""
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,19 +11,22 @@ import torch
 from PIL import Image
 from torch import nn
 
-from netvlad_tutorial.bench import (
+from netvlad_tutorial.data import input_transform
+from netvlad_tutorial.model import EmbedNet, NetVLAD
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from common import slugify  # noqa: E402  (benchmarks/common.py)
+from speed import (  # noqa: E402  (benchmarks/speed.py)
     LoopNetVLAD,
     Normalize255,
     _call_with_fallback,
     bench_images,
     check_targets,
+    encode_images,
     image_batches,
     main,
-    slugify,
     variant_settings,
 )
-from netvlad_tutorial.data import input_transform
-from netvlad_tutorial.model import EmbedNet, NetVLAD
 
 FIGURES = ("cache_img_per_s", "train_tuples_per_s", "peak_mem_mb")
 
@@ -52,6 +58,18 @@ def test_loop_netvlad_equals_vectorized():
     pool(x).square().sum().backward()
     for g, p in zip(grads, (pool.centroids, pool.conv.weight)):
         torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_encode_images_is_the_plain_forward_in_batches():
+    torch.manual_seed(0)
+    model = EmbedNet(nn.Conv2d(3, 8, kernel_size=4, stride=4), NetVLAD(2, 8)).train()
+    images = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        expected = model.eval()(images).numpy()  # (5, 16)
+    model.train()
+    got = encode_images(model, images, "cpu", 2, {"amp": False, "channels_last": True})
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert got.dtype == np.float32 and model.training  # the mode is restored
 
 
 def test_decoding_paths_match_input_transform(jpegs):
@@ -134,7 +152,7 @@ def test_slugify_and_targets():
 
 def test_miniature_run_json(jpegs, tmp_path, capsys):
     out = tmp_path / "results"
-    main(["speed", "--device", "cpu", "--json", "--image-dir", str(jpegs), "--num-images", "8",
+    main(["--device", "cpu", "--json", "--image-dir", str(jpegs), "--num-images", "8",
           "--batch-size", "4", "--train-steps", "1", "--warmup-steps", "0", "--num-workers", "0",
           "--in-process",
           "--out", str(out)])

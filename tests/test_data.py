@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from oracles import brute_negatives, brute_positives
 from PIL import Image
 from scipy.io import savemat
 from scipy.stats import chisquare
@@ -162,45 +163,29 @@ def test_mat_with_inconsistent_counts(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def _brute_positives(db, radius, different_time=False):
-    out = []
-    for q in range(db.numQ):
-        d = np.sqrt(((db.utmDb - db.utmQ[q]) ** 2).sum(axis=1))
-        keep = d <= radius
-        if different_time:
-            keep &= db.dbTimeStamp != db.qTimeStamp[q]
-        idx = np.flatnonzero(keep)
-        out.append(idx[np.lexsort((idx, d[idx]))])
-    return out
-
-
 @pytest.mark.parametrize("radius", [10, 25, 60])
 def test_positives_within_equals_brute_force(radius):
     db = _random_db(np.random.default_rng(4), num_q=40)
     got = positives_within(db, radius)
-    want = _brute_positives(db, radius)
+    want = brute_positives(db, radius)
     assert len(got) == db.numQ
     for g, w in zip(got, want):
         assert g.dtype == np.int64
         np.testing.assert_array_equal(g, w)
-    assert any(len(w) == 0 for w in _brute_positives(db, 10))  # the case of none is covered
+    assert any(len(w) == 0 for w in brute_positives(db, 10))  # the case of none is covered
 
 
 def test_eval_and_train_positives_and_tokyo_time_rule():
     db = _random_db(np.random.default_rng(5), num_q=40, timestamps=True)
-    for g, w in zip(eval_positives(db), _brute_positives(db, 25)):
+    for g, w in zip(eval_positives(db), brute_positives(db, 25)):
         np.testing.assert_array_equal(g, w)
     train = train_positives(db)  # TokyoTM: different timestamps only
-    for g, w in zip(train, _brute_positives(db, 10, different_time=True)):
+    for g, w in zip(train, brute_positives(db, 10, different_time=True)):
         np.testing.assert_array_equal(g, w)
-    assert sum(map(len, train)) < sum(map(len, _brute_positives(db, 10)))
+    assert sum(map(len, train)) < sum(map(len, brute_positives(db, 10)))
     plain = train_positives(db._replace(dbTimeStamp=None, qTimeStamp=None))
-    for g, w in zip(plain, _brute_positives(db, 10)):
+    for g, w in zip(plain, brute_positives(db, 10)):
         np.testing.assert_array_equal(g, w)
-
-
-def _brute_negatives(db, q):
-    return set(np.flatnonzero(np.linalg.norm(db.utmDb - db.utmQ[q], axis=1) > 25).tolist())
 
 
 def test_sampled_negatives_are_far_distinct_and_deterministic():
@@ -208,7 +193,7 @@ def test_sampled_negatives_are_far_distinct_and_deterministic():
     sampler = NegativeSampler(db)
     rng = np.random.default_rng(0)
     for q in range(db.numQ):
-        negatives = _brute_negatives(db, q)
+        negatives = brute_negatives(db, q)
         assert sampler.num_negatives(q) == len(negatives)
         for n in (1, 10, len(negatives) // 2 + 1, len(negatives)):  # rejection and direct paths
             s = sampler.sample(q, n, rng)
@@ -226,7 +211,7 @@ def test_sampled_negatives_are_uniform(n):
     utm_db = np.repeat(np.array(near + far, float), 3, axis=0)
     db = DbStruct("train", "toy", [f"{i}.jpg" for i in range(48)], utm_db, ["q.jpg"],
                   np.array([[585_000.0, 4_477_000.0]]), 48, 1, 25, 625, 100)
-    negatives = sorted(_brute_negatives(db, 0))
+    negatives = sorted(brute_negatives(db, 0))
     assert len(negatives) == 36
     rng, counts = np.random.default_rng(0), np.zeros(48)
     draws = 3000
@@ -299,7 +284,7 @@ def test_whole_dataset_is_database_then_queries(toy_root):
 def test_query_dataset_keeps_queries_with_training_positives(toy_root):
     root, db = toy_root
     ds = QueryDataset(root, db)
-    want = [q for q, p in enumerate(_brute_positives(db, 10)) if len(p)]
+    want = [q for q, p in enumerate(brute_positives(db, 10)) if len(p)]
     assert ds.queries.tolist() == want and len(ds) == len(want)
     for i, q in enumerate(want):
         x, index = ds[i]
@@ -347,8 +332,8 @@ def test_check_data_report_matches_brute_force(toy_root):
     report = check_data(root)
     assert report["root"] == str(root) and len(report["splits"]) == 1
     r = report["splits"][0]
-    ev = [len(p) for p in _brute_positives(db, 25)]
-    tr = [len(p) for p in _brute_positives(db, 10)]
+    ev = [len(p) for p in brute_positives(db, 25)]
+    tr = [len(p) for p in brute_positives(db, 10)]
     assert (r["num_db"], r["num_q"], r["images_checked"]) == (10, 4, 14)
     assert r["eval_positives"] == {"min": min(ev), "median": float(np.median(ev)),
                                    "max": max(ev)}

@@ -18,11 +18,14 @@ from torch.utils.data import Dataset
 
 from netvlad_tutorial import distributed
 from netvlad_tutorial import train as tr
+from netvlad_tutorial.data import load_split, whole_dataset
+from netvlad_tutorial.evaluate import evaluate_checkpoint
 from netvlad_tutorial.features import (
     FeatureDataset,
     compute_descriptors,
     compute_local_features,
 )
+from netvlad_tutorial.model import load_checkpoint, make_model
 
 WORLD = 2
 BATCH = 2  # per rank; the single-process reference uses WORLD * BATCH
@@ -64,9 +67,9 @@ def _worker(rank, port, city, out, single_ckpt):
         results = {}
         # 1. The cache passes: the local-feature cache (images, float16), then descriptors
         # (float32) from it, counting which items each rank reads.
-        split = tr.load_split(city, "train")
-        model = tr.make_model(config, split, torch.device("cpu"))
-        images = CountingDataset(tr.whole_dataset(split, config), _odd_count(split))
+        split = load_split(city, "train")
+        model = make_model(config, split, torch.device("cpu"))
+        images = CountingDataset(whole_dataset(split, config), _odd_count(split))
         features = compute_local_features(model.encoder, images, batch_size=7, precision="fp32")
         counting = CountingDataset(FeatureDataset(features), len(features))
         results["desc32"] = compute_descriptors(model.head, counting, batch_size=7,
@@ -81,7 +84,7 @@ def _worker(rank, port, city, out, single_ckpt):
         distributed.barrier()
         results["resumed_history"] = tr.train(config, out / "resumed", resume=True)
         # 5. A single-process checkpoint evaluated under 2 ranks (sharded descriptors).
-        results["evaluate"] = tr.evaluate_checkpoint(city, split="val", checkpoint=single_ckpt,
+        results["evaluate"] = evaluate_checkpoint(city, split="val", checkpoint=single_ckpt,
                                                      precision="fp32", device="cpu")
         torch.save(results, out / f"rank{rank}_results.pt")
     finally:
@@ -106,11 +109,11 @@ def session(micro_city, tmp_path_factory):
 
 def test_two_rank_cache_equals_one_process_cache(session, micro_city):
     _, results, _, config = session
-    split = tr.load_split(micro_city, "train")
-    model = tr.make_model(config, split, torch.device("cpu"))
+    split = load_split(micro_city, "train")
+    model = make_model(config, split, torch.device("cpu"))
     n = _odd_count(split)
     assert n % 2 == 1
-    images = CountingDataset(tr.whole_dataset(split, config), n)
+    images = CountingDataset(whole_dataset(split, config), n)
     single_features = compute_local_features(model.encoder, images, precision="fp32")
     # The descriptors from the gathered features, in one process: the same inputs as the ranks'.
     single32 = compute_descriptors(model.head, FeatureDataset(results[0]["features"]),
@@ -142,7 +145,7 @@ def test_two_rank_epoch_equals_one_process_epoch_with_the_global_batch(session, 
         # float32 reduction order only (DDP's all-reduce vs one batch): 1e-5
         torch.testing.assert_close(b["model"][key], a["model"][key], atol=1e-5, rtol=1e-5,
                                    msg=key)
-    init = tr.make_model(config, tr.load_split(micro_city, "train"), torch.device("cpu"))
+    init = make_model(config, load_split(micro_city, "train"), torch.device("cpu"))
     moved = (init.state_dict()["pool.centroids"] - a["model"]["pool.centroids"]).abs().max()
     assert moved > 1e-3  # the epoch moved the weights much more than the tolerance
 
@@ -172,12 +175,12 @@ def test_only_rank_zero_writes_files(session):
 
 def test_two_rank_checkpoint_loads_in_one_process_and_the_reverse(session, micro_city):
     out, results, single, config = session
-    ckpt = tr.load_checkpoint(out / "straight" / "latest.pth")
+    ckpt = load_checkpoint(out / "straight" / "latest.pth")
     assert not any(k.startswith("module.") for k in ckpt["model"])
-    model = tr.make_model(config, tr.load_split(micro_city, "train"), torch.device("cpu"))
+    model = make_model(config, load_split(micro_city, "train"), torch.device("cpu"))
     model.load_state_dict(ckpt["model"])  # strict: the same keys as a single-process model
     # The reverse: a single-process checkpoint evaluated under 2 ranks gives the same recalls.
-    expected = tr.evaluate_checkpoint(micro_city, split="val", checkpoint=single / "latest.pth",
+    expected = evaluate_checkpoint(micro_city, split="val", checkpoint=single / "latest.pth",
                                       precision="fp32", device="cpu")
     for res in results:
         assert res["evaluate"] == pytest.approx(expected)

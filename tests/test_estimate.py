@@ -5,8 +5,9 @@ import warnings
 
 import pytest
 
+from netvlad_tutorial.config import PRESETS, TrainConfig
 from netvlad_tutorial.model import build_model
-from netvlad_tutorial.train import PRESETS, TrainConfig, estimate_run
+from netvlad_tutorial.train import estimate_run
 
 
 def test_estimate_run_closed_form(capsys):
@@ -36,13 +37,12 @@ def test_tiny_imagenet_preset_without_the_file_warns_and_continues(tmp_path, mon
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache: no ImageNet file
     config = PRESETS["tiny-imagenet"]
     tiny = PRESETS["tiny"]
-    assert (config.weights, config.freeze_encoder, config.train_all, config.lr) == \
-        ("imagenet", False, False, 1e-3)
-    assert config.replace(weights=None, freeze_encoder=True, train_all=None, lr=1e-2) == tiny
+    assert (config.weights, config.trainable, config.lr) == ("imagenet", "conv5", 1e-3)
+    assert config.replace(weights=None, trainable="netvlad", lr=1e-2) == tiny
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         model = build_model(num_clusters=config.num_clusters, weights=config.weights,
-                            train_all=config.train_all)
+                            trainable=config.trainable)
     assert any("not found" in str(w.message) for w in record)
     assert model.encoder.weights_source == "random"
     trainable = [name for name, p in model.encoder.named_parameters() if p.requires_grad]

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from oracles import brute_force_dist, brute_force_recall
 
 from netvlad_tutorial.evaluate import (
     RECALL_VALUES,
@@ -27,28 +28,12 @@ def _random_case(num_q=37, num_db=101, dim=16, seed=0):
     return q, db, positives
 
 
-def _brute_force_dist(q, db):
-    """(M, N) Euclidean distances, float64, one pair at a time."""
-    q, db = np.asarray(q, dtype=np.float64), np.asarray(db, dtype=np.float64)
-    return np.array([[np.sqrt(np.sum((a - b) ** 2)) for b in db] for a in q])
-
-
-def _brute_force_recall(q, db, positives, n):
-    """Recall@n by a plain loop: a hit if any of the n nearest is a positive; over all queries."""
-    dist = _brute_force_dist(q, db)
-    hits = 0
-    for i in range(len(q)):
-        nearest = np.argsort(dist[i], kind="stable")[:n]
-        hits += any(j in set(positives[i].tolist()) for j in nearest)
-    return hits / len(q)
-
-
 @pytest.mark.parametrize("chunk_size", [7, 32, 1000])
 @pytest.mark.parametrize("k", [1, 5, 101, 200])
 def test_topk_search_matches_brute_force(chunk_size, k):
     q, db, _ = _random_case()
     dist, idx = topk_search(q, db, k, chunk_size=chunk_size)
-    full = _brute_force_dist(q, db)
+    full = brute_force_dist(q, db)
     k = min(k, len(db))
     assert dist.shape == idx.shape == (len(q), k)
     assert dist.dtype == np.float32 and idx.dtype == np.int64
@@ -62,7 +47,7 @@ def test_topk_search_matches_brute_force(chunk_size, k):
 def test_topk_search_float16_numpy_and_torch_inputs():
     q, db, _ = _random_case(seed=1)
     q16, db16 = q.astype(np.float16), db.astype(np.float16)
-    full = _brute_force_dist(q16, db16)  # distances of the float16 values themselves
+    full = brute_force_dist(q16, db16)  # distances of the float16 values themselves
     for qq, dd in [(q16, db16), (torch.from_numpy(q16), torch.from_numpy(db16))]:
         dist, idx = topk_search(qq, dd, 10, chunk_size=13)
         np.testing.assert_allclose(np.take_along_axis(full, idx, axis=1),
@@ -75,7 +60,7 @@ def test_topk_search_reads_a_read_only_memmap(tmp_path):
     np.save(tmp_path / "db.npy", db.astype(np.float16))
     db_map = np.load(tmp_path / "db.npy", mmap_mode="r")
     _, idx = topk_search(q, db_map, 3, chunk_size=10)
-    np.testing.assert_array_equal(idx[:, 0], _brute_force_dist(q, db_map).argmin(axis=1))
+    np.testing.assert_array_equal(idx[:, 0], brute_force_dist(q, db_map).argmin(axis=1))
 
 
 @pytest.mark.parametrize("n_values", [RECALL_VALUES, (1, 2, 3)])
@@ -84,7 +69,7 @@ def test_recall_at_n_matches_brute_force(n_values):
     recalls = recall_at_n(q, db, positives, n_values=n_values)
     assert list(recalls) == list(n_values)
     for n in n_values:
-        assert recalls[n] == pytest.approx(_brute_force_recall(q, db, positives, n))
+        assert recalls[n] == pytest.approx(brute_force_recall(q, db, positives, n))
 
 
 def test_recall_hand_built_predictions():
@@ -102,14 +87,14 @@ def test_recall_with_n_beyond_database_size():
     expected = np.mean([len(p) > 0 for p in positives])
     assert 0 < expected < 1
     assert recalls[4] == recalls[20] == pytest.approx(expected)
-    assert recalls[1] == pytest.approx(_brute_force_recall(q, db, positives, 1))
+    assert recalls[1] == pytest.approx(brute_force_recall(q, db, positives, 1))
 
 
 def test_recall_curve_matches_brute_force():
     q, db, positives = _random_case(seed=4)
     curve = recall_curve(q, db, positives, max_n=30)
     assert curve.shape == (30,)
-    expected = [_brute_force_recall(q, db, positives, n) for n in range(1, 31)]
+    expected = [brute_force_recall(q, db, positives, n) for n in range(1, 31)]
     np.testing.assert_allclose(curve, expected)
     assert np.all(np.diff(curve) >= 0)
 

@@ -5,22 +5,24 @@ import pytest
 import torch
 
 from netvlad_tutorial import train as tr
+from netvlad_tutorial.config import PRESETS
+from netvlad_tutorial.data import input_transform, load_split, whole_dataset
 from netvlad_tutorial.features import (
     FeatureDataset,
     compute_descriptors,
     compute_local_features,
 )
 from netvlad_tutorial.mining import MinedTuple, TripletDataset, collate_fn
-from netvlad_tutorial.model import build_model
+from netvlad_tutorial.model import build_model, make_model
 from netvlad_tutorial.utils import load_torch_file
 
 
 def _frozen_config(city, **changes):
     """The micro configuration with the encoder frozen (as the tiny preset), fp32."""
-    config = tr.PRESETS["tiny"].replace(
+    config = PRESETS["tiny"].replace(
         data_root=str(city), image_size=(32, 48), num_clusters=4, epochs=2, n_neg=2,
         n_neg_sample=20, n_neg_dist=10, cache_refresh=8, kmeans_images=20, kmeans_per_image=4,
-        kmeans_iters=10, precision="fp32", lr=0.1, device="cpu", freeze_encoder=True)
+        kmeans_iters=10, precision="fp32", lr=0.1, device="cpu", trainable="netvlad")
     return config.replace(**changes)
 
 
@@ -28,9 +30,9 @@ def _frozen_config(city, **changes):
 def frozen(micro_city):
     """(config, model with k-means centroids, train split, the split's WholeDataset)."""
     config = _frozen_config(micro_city)
-    split = tr.load_split(micro_city, "train")
-    model = tr.make_model(config, split, torch.device("cpu"))
-    return config, model, split, tr.whole_dataset(split, config)
+    split = load_split(micro_city, "train")
+    model = make_model(config, split, torch.device("cpu"))
+    return config, model, split, whole_dataset(split, config)
 
 
 def test_head_after_the_encoder_is_the_model():
@@ -75,7 +77,7 @@ def test_triplets_of_features_hold_each_image_features(frozen):
     feats = compute_local_features(model.encoder, dataset, precision="fp32")
     t = MinedTuple(query=3, positive=1, negatives=np.array([7, 0]), d_pos=0.0,
                    d_negs=np.zeros(2), sampled=np.array([]))
-    args = (split.root, split.db, [t], tr.input_transform(config.image_size), split.queries_dir)
+    args = (split.root, split.db, [t], input_transform(config.image_size), split.queries_dir)
     images = collate_fn([TripletDataset(*args)[0]])
     cached = collate_fn([TripletDataset(*args, features=feats)[0]])
     with torch.no_grad():
@@ -99,7 +101,7 @@ def test_cached_training_equals_the_plain_path(micro_city, tmp_path):
                                rtol=1e-3)
     for key in ("pool.centroids", "pool.conv.weight"):
         torch.testing.assert_close(b[key], a[key], atol=1e-3, rtol=1e-3, msg=key)
-    init = tr.make_model(config, tr.load_split(micro_city, "train"), torch.device("cpu"))
+    init = make_model(config, load_split(micro_city, "train"), torch.device("cpu"))
     moved = (a["pool.centroids"] - init.state_dict()["pool.centroids"]).abs().max()
     assert moved > 1e-2  # training moved the weights much more than the tolerance
     for key in a:

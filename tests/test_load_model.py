@@ -16,6 +16,8 @@ from torch import nn
 from torchvision import transforms
 from torchvision.models.vgg import cfgs, make_layers
 
+from netvlad_tutorial import data, evaluate, features
+from netvlad_tutorial.cli import main as cli_main
 from netvlad_tutorial.data import input_transform
 from netvlad_tutorial.model import build_model, load_model, model_config
 
@@ -254,13 +256,10 @@ def test_released_file_with_another_encoder_is_refused(tmp_path):
 def test_evaluate_command_takes_a_released_file(micro_city, tmp_path, capsys):
     """`evaluate --checkpoint NANNE_FILE` gives the recalls of the loaded model, computed here
     directly: its descriptors of the test split, exact search, the 25 m positives."""
-    from netvlad_tutorial import data, evaluate, features, train
-    from netvlad_tutorial.cli import main as cli_main
-
     path = tmp_path / "model_best.pth.tar"
     torch.save(nanne_checkpoint(original_model()), path)
-    result = train.evaluate_checkpoint(micro_city, split="test", checkpoint=path,
-                                       precision="fp32")
+    result = evaluate.evaluate_checkpoint(micro_city, split="test", checkpoint=path,
+                                          precision="fp32")
     assert result["format"] == "nanne" and result["dim"] == K * 512
     model, _ = load_model(path)
     split = data.load_split(micro_city, "test")

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from oracles import brute_force_mine, brute_positives
 from PIL import Image
 from torch import nn
 
@@ -32,26 +33,6 @@ def _geo_dist(db, q):
     return np.linalg.norm(db.utmDb - db.utmQ[q], axis=1)
 
 
-def _train_positives(db):
-    """Training positives by hand: within 10 m, nearest first."""
-    out = []
-    for q in range(db.numQ):
-        d = _geo_dist(db, q)
-        pos = np.flatnonzero(d <= 10)
-        out.append(pos[np.argsort(d[pos], kind="stable")])
-    return out
-
-
-def _brute_force_mine(q_row, db_desc, positives, candidates, n_neg_dist, n_neg, margin):
-    """The reference procedure in float64 numpy with plain loops: (positive, negatives)."""
-    dist = {j: float(np.sqrt(np.sum((db_desc[j].astype(np.float64) - q_row) ** 2)))
-            for j in set(positives.tolist()) | set(candidates.tolist())}
-    positive = min(positives.tolist(), key=lambda j: dist[j])
-    nearest = sorted(set(candidates.tolist()), key=lambda j: dist[j])[:n_neg_dist]
-    violating = [j for j in nearest if dist[j] < dist[positive] + margin ** 0.5]
-    return positive, violating[:n_neg]
-
-
 def _hand_built():
     """Query 0 at the origin; descriptors placed at chosen distances from the query's.
 
@@ -73,7 +54,7 @@ def _hand_built():
 
 def test_hand_built_case():
     db, q_desc, db_desc = _hand_built()
-    positives = _train_positives(db)
+    positives = brute_positives(db, 10)
     assert positives[0].tolist() == [0, 1, 2]
     t = mine_tuple(0, q_desc[0], db_desc, positives[0], NegativeSampler(db),
                    np.random.default_rng(0), n_neg_sample=10, n_neg=2, margin=MARGIN)
@@ -106,7 +87,7 @@ def _random_city(num_db=300, num_q=40, dim=32, seed=0):
 @pytest.mark.parametrize("n_neg_dist,n_neg,margin", [(100, 10, 0.1), (5, 3, 0.5), (50, 10, 1.0)])
 def test_mine_triplets_matches_brute_force(n_neg_dist, n_neg, margin):
     db, db_desc, q_desc = _random_city()
-    positives = _train_positives(db)
+    positives = brute_positives(db, 10)
     queries = [q for q in range(db.numQ) if len(positives[q])]
     sampler, cache = NegativeSampler(db), NegativeCache(db.numQ, n_neg)
     rng, rng_copy = np.random.default_rng(7), np.random.default_rng(7)
@@ -118,7 +99,7 @@ def test_mine_triplets_matches_brute_force(n_neg_dist, n_neg, margin):
     for q in queries:
         sampled = sampler.sample(q, 40, rng_copy)  # the same draws, in the same order
         assert np.all(_geo_dist(db, q)[sampled] > 25)
-        positive, negatives = _brute_force_mine(q_desc[q].astype(np.float64), db_desc,
+        positive, negatives = brute_force_mine(q_desc[q].astype(np.float64), db_desc,
                                                 positives[q], sampled, n_neg_dist, n_neg, margin)
         if not negatives:
             assert q not in by_query and np.all(cache.negatives[q] == -1)
@@ -145,7 +126,7 @@ class FixedSampler:
 
 def test_cached_negative_is_picked_even_if_not_sampled():
     db, q_desc, db_desc = _hand_built()
-    positives = _train_positives(db)
+    positives = brute_positives(db, 10)
     sampler = FixedSampler([9, 10, 11])  # descriptor distances 0.8, 0.9, 1.0: none violates
     cache = NegativeCache(db.numQ, n_neg=10)
     tuples, skipped = mine_triplets([0], q_desc, db_desc, positives, sampler, None, cache,

@@ -18,7 +18,6 @@ from netvlad_tutorial.model import (
     assignment_alpha,
     build_encoder,
     build_model,
-    centroids_cache_path,
     fit_pca_whitening,
     init_netvlad,
     kmeans_centroids,
@@ -27,7 +26,7 @@ from netvlad_tutorial.model import (
     prepare_for_device,
     sample_local_descriptors,
 )
-from netvlad_tutorial.utils import REPO_ROOT, cache_dir, display_path
+from netvlad_tutorial.utils import display_path
 
 CONV5_LAYERS = (24, 26, 28)  # conv5_1, conv5_2, conv5_3 in `vgg16().features`
 
@@ -123,7 +122,7 @@ def test_imagenet_weights_from_hub_cache_freeze_before_conv5(monkeypatch, tmp_pa
     assert trainable == set(CONV5_LAYERS)
     num_trainable = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
     assert num_trainable == 3 * (512 * 512 * 9 + 512)
-    assert all(p.requires_grad for p in build_encoder("imagenet", train_all=True).parameters())
+    assert all(p.requires_grad for p in build_encoder("imagenet", trainable="all").parameters())
 
 
 def test_local_weights_round_trip(tmp_path):
@@ -319,14 +318,14 @@ def test_init_netvlad_computes_then_loads_cache(tmp_path, monkeypatch):
         torch.testing.assert_close(fresh.pool.state_dict()[name], value)
 
 
-def test_default_cache_path_is_keyed_by_weights_dataset_and_k():
-    dataset = ColorDataset()
-    path = centroids_cache_path(_tiny_model(K=2, seed=0), dataset)
-    assert path.parent == cache_dir() and REPO_ROOT not in path.parents
-    assert "colors_train" in path.name and "_K2_" in path.name
-    assert path == centroids_cache_path(_tiny_model(K=2, seed=0), dataset)
-    assert path != centroids_cache_path(_tiny_model(K=2, seed=1), dataset)  # other weights
-    assert path != centroids_cache_path(_tiny_model(K=3, seed=0), dataset)
+def test_init_netvlad_without_a_cache_path_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("NETVLAD_CACHE_DIR", str(tmp_path / "cache"))
+    kwargs = dict(num_images=5, per_image=8, iters=10, seed=3, precision="fp32")
+    init = init_netvlad(_tiny_model(), ColorDataset(size=(16, 16)), **kwargs)
+    assert init["path"] is None and not (tmp_path / "cache").exists()
+    cached = _tiny_model()
+    init_netvlad(cached, ColorDataset(size=(16, 16)), cache_path=tmp_path / "c.pt", **kwargs)
+    np.testing.assert_array_equal(init["centroids"], cached.pool.centroids.detach().numpy())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,13 +23,23 @@ from test_train import _micro_config  # tests/ is on sys.path under pytest
 from netvlad_tutorial import synthetic, utils
 from netvlad_tutorial import train as tr
 from netvlad_tutorial.cli import main as cli_main
+from netvlad_tutorial.config import PRESETS, TrainConfig
 from netvlad_tutorial.data import (
     DataLayoutError,
     DbStruct,
     _cell,
+    load_split,
     parse_db_struct,
     save_db_struct,
     struct_path,
+)
+from netvlad_tutorial.evaluate import evaluate_checkpoint
+from netvlad_tutorial.model import (
+    build_model,
+    centroids_path,
+    checkpoint_config,
+    load_checkpoint,
+    make_model,
 )
 from netvlad_tutorial.synthetic import make_synthetic_city
 from netvlad_tutorial.utils import FAULT_ENV, load_torch_file
@@ -57,7 +67,7 @@ def _child(config_dict, run_dir, fault, threads):
     torch.set_num_threads(threads)
     tr.evaluate_split = _by_recall_at_1(tr.evaluate_split)
     sys.stdout = sys.stderr = open(os.devnull, "w")
-    tr.train(tr.TrainConfig.from_dict(config_dict), run_dir, resume=True)
+    tr.train(TrainConfig.from_dict(config_dict), run_dir, resume=True)
 
 
 def _fault_config(city):
@@ -65,7 +75,7 @@ def _fault_config(city):
     # R@1, so a stale best.pth is visible.
     return _micro_config(city).replace(image_size=(16, 24), cache_refresh=1000, max_queries=4,
                                        n_neg_sample=10, n_neg_dist=5, epochs=2,
-                                       freeze_encoder=False, lr=1e-3)
+                                       trainable="all", lr=1e-3)
 
 
 # A fork server that has imported torch once: each run is a fork of it, not a new interpreter
@@ -126,7 +136,7 @@ def test_kills_at_every_point_then_resume_give_the_straight_run(micro_city, tmp_
             assert _run(config, run_dir, fault) == -9, fault  # killed by SIGKILL
         if name == "b":  # the stale best.pth is refused by evaluate, not used silently
             with pytest.raises(ValueError, match="train --resume"):
-                tr.evaluate_checkpoint(micro_city, checkpoint=run_dir / "best.pth",
+                evaluate_checkpoint(micro_city, checkpoint=run_dir / "best.pth",
                                        precision="fp32")
         _run(config, run_dir)
         _assert_like_straight(run_dir, straight)
@@ -224,7 +234,7 @@ def test_a_full_disk_in_epoch_0_loses_nothing_and_resume_writes_best(micro_city,
     assert not list(tmp_path.glob(".*.tmp"))
     tr.train(config, tmp_path, resume=True)
     assert load_torch_file(tmp_path / "best.pth")["epoch"] == 0
-    result = tr.evaluate_checkpoint(micro_city, checkpoint=tmp_path / "best.pth", precision="fp32")
+    result = evaluate_checkpoint(micro_city, checkpoint=tmp_path / "best.pth", precision="fp32")
     assert result["num_queries"] == 8
 
 
@@ -258,7 +268,7 @@ def test_resume_removes_temporary_files_of_killed_writes(fast_run, tmp_path):
     run_dir = _copy_run(fast_run, tmp_path)
     left = run_dir / ".latest.pth.abc123.tmp"
     left.write_bytes(b"half a checkpoint")
-    tr.train(tr.TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text())),
+    tr.train(TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text())),
              run_dir, resume=True)
     assert not left.exists()
 
@@ -312,7 +322,7 @@ def test_train_refuses_a_folder_holding_a_run(fast_run, tmp_path, capsys):
     before = _snapshot(run_dir)
     err = _cli_error(capsys, ["train", "--data-root", "unused", "--out", run_dir])
     assert "--resume" in err and "--out" in err and "--overwrite" in err
-    config = tr.TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     with pytest.raises(ValueError, match="already holds a run"):
         tr.train(config, run_dir)
     assert _snapshot(run_dir) == before
@@ -325,7 +335,7 @@ def test_train_refuses_a_folder_holding_a_run(fast_run, tmp_path, capsys):
 
 def test_overwrite_replaces_the_run(fast_run, tmp_path, monkeypatch):
     run_dir = _copy_run(fast_run, tmp_path)
-    config = tr.TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
 
     def stop(*args):
         raise KeyboardInterrupt
@@ -444,7 +454,7 @@ def test_a_split_without_database_images_is_an_error(micro_city, tmp_path, capsy
 
 def _flat_folder(micro_city, tmp_path):
     """ROOT/database + ROOT/queries from the micro city's test split, with VPR names."""
-    split = tr.load_split(micro_city, "test")
+    split = load_split(micro_city, "test")
     root = tmp_path / "vpr"
     for kind, names, utm, folder in (
             ("database", split.db.dbImage, split.db.utmDb, micro_city),
@@ -461,9 +471,9 @@ def test_a_flat_folder_is_refused_for_training_and_evaluated_as_named(micro_city
     err = _cli_error(capsys, ["train", "--data-root", root, "--out", tmp_path / "run"])
     assert "flat VPR folder" in err and "test images" in err
     assert not (tmp_path / "run").exists()
-    result = tr.evaluate_checkpoint(root, split="test", checkpoint=fast_run / "best.pth",
+    result = evaluate_checkpoint(root, split="test", checkpoint=fast_run / "best.pth",
                                     precision="fp32")
-    expected = tr.evaluate_checkpoint(micro_city, split="test",
+    expected = evaluate_checkpoint(micro_city, split="test",
                                       checkpoint=fast_run / "best.pth", precision="fp32")
     assert result["split"] == "test" and result["num_queries"] == split.db.numQ
     assert {k: v for k, v in result.items() if k.startswith("recall")} == \
@@ -491,13 +501,13 @@ def test_a_checkpoint_that_would_run_code_is_refused(fast_run, micro_city, tmp_p
     ckpt["history"] = _Payload(created)
     torch.save(ckpt, tmp_path / "evil.pth")
     with pytest.raises(ValueError, match="refused"):
-        tr.load_checkpoint(tmp_path / "evil.pth")
+        load_checkpoint(tmp_path / "evil.pth")
     err = _cli_error(capsys, _evaluate_argv(micro_city, tmp_path / "evil.pth"))
     assert "evil.pth" in err and "refused" in err
     # The same as a run's latest.pth, for --resume.
     run_dir = _copy_run(fast_run, tmp_path)
     torch.save(ckpt, run_dir / "latest.pth")
-    config = tr.TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     with pytest.raises(ValueError, match="refused"):
         tr.train(config.replace(epochs=2), run_dir, resume=True)
     assert not created.exists()
@@ -535,7 +545,7 @@ def test_resume_on_a_truncated_latest_is_a_clear_error_and_loses_nothing(fast_ru
     run_dir = _copy_run(fast_run, tmp_path)
     _damaged("truncated", fast_run / "latest.pth", run_dir / "latest.pth")
     before = _snapshot(run_dir)
-    config = tr.TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     with pytest.raises(ValueError) as err:
         tr.train(config.replace(epochs=2), run_dir, resume=True)
     assert "latest.pth" in str(err.value) and "\n" not in str(err.value)
@@ -548,12 +558,12 @@ def test_a_config_from_another_version(fast_run, micro_city, tmp_path, capsys):
     ckpt["version"] = "9.0.0"
     torch.save(ckpt, tmp_path / "newer.pth")
     # evaluate can load it (the setting is not needed to build the model) ...
-    result = tr.evaluate_checkpoint(micro_city, checkpoint=tmp_path / "newer.pth",
+    result = evaluate_checkpoint(micro_city, checkpoint=tmp_path / "newer.pth",
                                     precision="fp32")
     assert result["num_queries"] == 8
     # ... but a run cannot be continued without it, and the message says which version.
     with pytest.raises(ValueError, match=r"future_setting.*9\.0\.0"):
-        tr.checkpoint_config(ckpt, tmp_path / "newer.pth", strict=True)
+        checkpoint_config(ckpt, tmp_path / "newer.pth", strict=True)
     # Weights that do not fit: one clear line, naming the file and the version.
     ckpt["model"] = {k: v[:1] for k, v in ckpt["model"].items()}
     torch.save(ckpt, tmp_path / "other.pth")
@@ -562,15 +572,34 @@ def test_a_config_from_another_version(fast_run, micro_city, tmp_path, capsys):
 
 
 def test_old_configs_with_amp_load():
-    names = {f.name for f in dataclasses.fields(tr.TrainConfig)}
-    base = {k: v for k, v in dataclasses.asdict(tr.PRESETS["tiny"]).items()
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    base = {k: v for k, v in dataclasses.asdict(PRESETS["tiny"]).items()
             if k not in ("amp", "precision")}
     assert "precision" in names and "amp" not in names
-    on = tr.TrainConfig.from_dict({**base, "amp": True, "image_size": [96, 128]})
-    off = tr.TrainConfig.from_dict({**base, "amp": False})
+    on = TrainConfig.from_dict({**base, "amp": True, "image_size": [96, 128]})
+    off = TrainConfig.from_dict({**base, "amp": False})
     assert (on.precision, off.precision) == ("auto", "fp32")
     assert on.image_size == (96, 128)
     assert on.replace(image_size=None) == off.replace(precision="auto", image_size=None)
+
+
+@pytest.mark.parametrize("train_all, freeze_encoder, weights, trainable", [
+    (None, False, "imagenet", "conv5"),  # the old default: conv5 with ImageNet weights
+    (None, False, None, "all"),  # ... and everything with random ones
+    (False, False, None, "conv5"), (True, False, "imagenet", "all"),
+    (None, True, None, "netvlad"), (False, True, "imagenet", "netvlad"),  # the tiny presets
+])
+def test_old_configs_with_train_all_and_freeze_encoder_load(train_all, freeze_encoder, weights,
+                                                            trainable):
+    base = {k: v for k, v in dataclasses.asdict(PRESETS["pitts30k"]).items()
+            if k != "trainable"}
+    old = {**base, "weights": weights, "train_all": train_all, "freeze_encoder": freeze_encoder}
+    config = TrainConfig.from_dict(old, strict=True)
+    assert config == PRESETS["pitts30k"].replace(weights=weights, trainable=trainable)
+    model = build_model(num_clusters=2, weights=None, trainable=config.trainable)
+    grads = [p.requires_grad for p in model.encoder.parameters()]  # 13 conv layers, 26 tensors
+    assert grads == [trainable == "all"] * 20 + [trainable != "netvlad"] * 6
+    assert model.encoder_frozen == (trainable == "netvlad")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -610,7 +639,7 @@ def test_an_unavailable_device_is_a_clear_error(device, message, micro_city, tmp
 
 def test_an_image_of_another_size_is_a_clear_error(fast_run, micro_city, tmp_path, capsys):
     city = _copy_city(micro_city, tmp_path)
-    split = tr.load_split(city, "test")
+    split = load_split(city, "test")
     odd = city / split.db.dbImage[3]
     Image.new("RGB", (60, 40), (120, 80, 40)).save(odd)
     ckpt = load_torch_file(fast_run / "best.pth")
@@ -654,8 +683,8 @@ def test_evaluate_a_test_split_alone_without_centroid_cache(fast_run, micro_city
         struct_path(city, "synthetic", split).unlink()
     cache = tmp_path / "empty_cache"
     monkeypatch.setenv("NETVLAD_CACHE_DIR", str(cache))
-    result = tr.evaluate_checkpoint(city, checkpoint=fast_run / "best.pth", precision="fp32")
-    expected = tr.evaluate_checkpoint(micro_city, checkpoint=fast_run / "best.pth",
+    result = evaluate_checkpoint(city, checkpoint=fast_run / "best.pth", precision="fp32")
+    expected = evaluate_checkpoint(micro_city, checkpoint=fast_run / "best.pth",
                                       precision="fp32")
     assert result == {**expected, "model": result["model"]}
     assert not cache.exists()
@@ -668,11 +697,11 @@ def test_tokyo247_by_name_and_split(fast_run, micro_city, tmp_path):
         struct_path(city, "synthetic", split).unlink()
     save_db_struct(test._replace(dataset="tokyo247"),
                    city / "netvlad_v100_datasets" / "datasets" / "tokyo247.mat")
-    result = tr.evaluate_checkpoint(city, split="test", name="tokyo247",
+    result = evaluate_checkpoint(city, split="test", name="tokyo247",
                                     checkpoint=fast_run / "best.pth", precision="fp32")
     assert result["num_queries"] == test.numQ
     with pytest.raises(DataLayoutError, match="holds the 'test' split"):
-        tr.load_split(city, "val", name="tokyo247")
+        load_split(city, "val", name="tokyo247")
 
 
 def test_evaluate_pca_never_writes_the_checkpoint(fast_run, micro_city, tmp_path):
@@ -684,16 +713,16 @@ def test_evaluate_pca_never_writes_the_checkpoint(fast_run, micro_city, tmp_path
     link = folder / "best.pth"
     link.symlink_to(target)
     before = (target.read_bytes(), target.stat().st_mode)
-    tr.evaluate_checkpoint(micro_city, checkpoint=link, pca=True, pca_dim=4, precision="fp32")
+    evaluate_checkpoint(micro_city, checkpoint=link, pca=True, pca_dim=4, precision="fp32")
     assert link.is_symlink() and (target.read_bytes(), target.stat().st_mode) == before
     assert sorted(p.name for p in folder.iterdir()) == ["best.pth", "weights.pth"]
     # Asked to, it stores the PCA beside the checkpoint, and uses it next time.
-    first = tr.evaluate_checkpoint(micro_city, checkpoint=link, pca=True, pca_dim=4,
+    first = evaluate_checkpoint(micro_city, checkpoint=link, pca=True, pca_dim=4,
                                    precision="fp32",
                                    save_pca=True)
     assert sorted(p.name for p in folder.iterdir()) == ["best.pca4.pth", "best.pth",
                                                         "weights.pth"]
-    assert tr.evaluate_checkpoint(micro_city, checkpoint=link, pca=True, pca_dim=4,
+    assert evaluate_checkpoint(micro_city, checkpoint=link, pca=True, pca_dim=4,
                                   precision="fp32") == first
 
 
@@ -713,10 +742,10 @@ def test_the_centroid_cache_is_a_user_folder(monkeypatch, tmp_path):
 def test_centroids_are_cached_in_the_cache_folder(micro_city, tmp_path, monkeypatch):
     monkeypatch.setenv("NETVLAD_CACHE_DIR", str(tmp_path / "cache"))
     config = _fault_config(micro_city)
-    split = tr.load_split(micro_city, "train")
-    path = tr.centroids_path(config, split)
+    split = load_split(micro_city, "train")
+    path = centroids_path(config, split)
     assert path.parent == tmp_path / "cache"
-    tr.make_model(config, split, torch.device("cpu"))
+    make_model(config, split, torch.device("cpu"))
     assert path.is_file()
 
 
@@ -728,7 +757,7 @@ def test_centroids_are_cached_in_the_cache_folder(micro_city, tmp_path, monkeypa
 def test_resume_accepts_the_same_data_by_another_path_and_extends_a_run(fast_run, micro_city,
                                                                         tmp_path, monkeypatch):
     run_dir = _copy_run(fast_run, tmp_path)
-    config = tr.TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     monkeypatch.chdir(micro_city.parent)
     relative = config.replace(data_root=micro_city.name, epochs=2, device=None)
     history = tr.train(relative, run_dir, resume=True)

@@ -21,10 +21,10 @@ from netvlad_tutorial.data import (
 from netvlad_tutorial.synthetic import (
     PRESETS,
     Preset,
+    ensure_synthetic_city,
     make_synthetic_city,
-    plot_city_map,
-    show_city,
 )
+from netvlad_tutorial.viz import plot_city_map, show_city
 
 NAME = re.compile(r"^\d{3}/\d{6}_pitch\d_yaw\d{1,2}\.jpg$")
 
@@ -36,11 +36,11 @@ def city(tiny_city):
 
 
 @pytest.fixture
-def micro(monkeypatch):
-    """A 2-street-per-split preset, to try other seeds and sizes quickly."""
-    monkeypatch.setitem(PRESETS, "micro", Preset((48, 64), {"train": 2, "val": 1, "test": 1},
-                                                 places_per_street=4, queries_per_street=3))
-    return "micro"
+def quick_preset(monkeypatch):
+    """The name of a 2-street-per-split preset added for the test, to try seeds and sizes."""
+    monkeypatch.setitem(PRESETS, "quick-test", Preset((48, 64), {"train": 2, "val": 1, "test": 1},
+                                                      places_per_street=4, queries_per_street=3))
+    return "quick-test"
 
 
 def _file_hashes(root):
@@ -118,9 +118,9 @@ def test_mat_files_round_trip(city, tmp_path):
                                           err_msg=name)
 
 
-def test_same_seed_same_bytes(micro, tmp_path):
-    a = make_synthetic_city(tmp_path / "a", preset=micro, seed=5)
-    b = make_synthetic_city(tmp_path / "b", preset=micro, seed=5)
+def test_same_seed_same_bytes(quick_preset, tmp_path):
+    a = make_synthetic_city(tmp_path / "a", preset=quick_preset, seed=5)
+    b = make_synthetic_city(tmp_path / "b", preset=quick_preset, seed=5)
     assert _file_hashes(a) == _file_hashes(b) and len(_file_hashes(a)) == 4 * 4 * 4 + 4 * 3
     for x, y in zip(_structs(a), _structs(b)):
         for name, u, v in zip(x._fields, x, y):
@@ -128,9 +128,9 @@ def test_same_seed_same_bytes(micro, tmp_path):
                                           np.asarray(v, dtype=object), err_msg=name)
 
 
-def test_other_seed_and_image_size(micro, tmp_path):
-    a = make_synthetic_city(tmp_path / "a", preset=micro, seed=1)
-    b = make_synthetic_city(tmp_path / "b", preset=micro, seed=2, image_size=(30, 40))
+def test_other_seed_and_image_size(quick_preset, tmp_path):
+    a = make_synthetic_city(tmp_path / "a", preset=quick_preset, seed=1)
+    b = make_synthetic_city(tmp_path / "b", preset=quick_preset, seed=2, image_size=(30, 40))
     ha, hb = _file_hashes(a), _file_hashes(b)
     assert len(ha) == len(hb) and not set(ha.values()) & set(hb.values())
     assert not np.allclose(_structs(a)[0].utmQ, _structs(b)[0].utmQ)
@@ -171,9 +171,7 @@ def test_figures(city):
     assert isinstance(fig, Figure) and len(fig.axes[0].collections) == 6
 
 
-def test_an_out_of_date_city_is_generated_again(micro_city, tmp_path, capsys):
-    from netvlad_tutorial.utils import ensure_synthetic_city
-
+def test_an_out_of_date_city_is_generated_again(tmp_path, capsys):
     root = tmp_path / "city"
     assert ensure_synthetic_city(root, preset="micro") == root
     stamp = root / synthetic.STAMP_NAME

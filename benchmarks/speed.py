@@ -1,159 +1,63 @@
-"""Benchmarks that print the reference's figures and the project's side by side.
+"""Speed: the cache pass and a training step, the reference formulation vs the project's path.
 
-    python -m netvlad_tutorial.bench mining [--scale 0.1]
-    python -m netvlad_tutorial.bench speed [--device cuda|cpu] [--json]
+    python benchmarks/speed.py [--device cuda|cpu] [--json] [--no-save]
+
+Method and figures: `benchmarks/README.md`. Every figure printed is measured in this run.
 """
 
 import argparse
-import gc
 import json
 import os
 import platform
-import re
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-import tracemalloc
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.neighbors import NearestNeighbors
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
-from .data import (
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # `common` and the package, from a checkout
+
+from common import RESULTS_DIR, ROOT, device_name, slugify  # noqa: E402
+
+from netvlad_tutorial.data import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
     SPLITS,
-    DbStruct,
-    NegativeSampler,
     WholeDataset,
-    eval_positives,
     input_transform,
     load_image,
     load_split,
-    train_positives,
 )
-from .mining import triplet_loss
-from .model import (
+from netvlad_tutorial.features import run_inference  # noqa: E402
+from netvlad_tutorial.mining import triplet_loss  # noqa: E402
+from netvlad_tutorial.model import (  # noqa: E402
     assignment_alpha,
     build_model,
     kmeans_centroids,
     netvlad_loop,
     prepare_for_device,
 )
-from .utils import REPO_ROOT, autocast, cache_dir, native_bf16, resolve_precision
-
-PITTS250K_TRAIN = (91_464, 7_824)  # database images, queries
-VIEWS_PER_PLACE = 24  # pitch1/pitch2 x yaw1..12, all at the place's position
-
-
-def pitts_like_struct(scale=1.0, seed=0, place_spacing=10.0, block=150.0):
-    """Positions shaped like Pitts250k-train: places on a street grid, 24 views per place.
-
-    Places lie along the streets of a square grid (`block` metres apart), one per
-    `place_spacing` metres on average; each query is near a random place (a few metres off).
-    """
-    rng = np.random.default_rng(seed)
-    num_places = max(1, round(PITTS250K_TRAIN[0] * scale) // VIEWS_PER_PLACE)
-    num_q = max(1, round(PITTS250K_TRAIN[1] * scale))
-    num_lines = int(np.sqrt(num_places * place_spacing / (2 * block))) + 1  # per direction
-    side = num_lines * block
-    street = rng.integers(0, 2 * num_lines, num_places)
-    along = rng.uniform(0, side, num_places)
-    across = (street % num_lines) * block
-    east_west = street < num_lines
-    places = np.stack([np.where(east_west, along, across),
-                       np.where(east_west, across, along)], axis=1) + (585_000.0, 4_477_000.0)
-    utm_db = np.repeat(places, VIEWS_PER_PLACE, axis=0)
-    utm_q = places[rng.integers(0, num_places, num_q)] + rng.normal(0, 3.0, (num_q, 2))
-    db_names = [f"{i // VIEWS_PER_PLACE // 1000:03d}/{i // VIEWS_PER_PLACE:06d}_pitch"
-                f"{i % 2 + 1}_yaw{i // 2 % 12 + 1}.jpg" for i in range(len(utm_db))]
-    q_names = [f"{j // 1000:03d}/{j:06d}_pitch1_yaw1.jpg" for j in range(num_q)]
-    return DbStruct("train", "pitts_like", db_names, utm_db, q_names, utm_q,
-                    len(utm_db), num_q, 25, 625, 100)
-
-
-def seed_structures(db):
-    """The seed's (and Nanne's) way: radius search, then one `setdiff1d` array per query."""
-    knn = NearestNeighbors().fit(db.utmDb)
-    dist, positives = knn.radius_neighbors(db.utmQ, radius=db.posDistThr)
-    train = [p[d ** 2 <= db.nonTrivPosDistSqThr] for d, p in zip(dist, positives)]
-    all_db = np.arange(db.numDb)
-    negatives = [np.setdiff1d(all_db, p, assume_unique=True) for p in positives]
-    return positives, train, negatives
-
-
-def project_structures(db):
-    """This project's way: sorted positives per query and a `NegativeSampler`."""
-    return eval_positives(db), train_positives(db), NegativeSampler(db)
-
-
-def measure(fn, *args):
-    """(seconds, peak extra MiB) of `fn(*args)`, with its result kept alive until the end.
-
-    Time is taken in a plain run, memory in a second run under `tracemalloc`.
-    """
-    gc.collect()
-    start = time.perf_counter()
-    result = fn(*args)
-    seconds = time.perf_counter() - start
-    del result
-    gc.collect()
-    tracemalloc.start()
-    result = fn(*args)
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    del result
-    return seconds, peak / 2 ** 20
-
-
-def bench_mining(scale=1.0, seed=0, num_sample_queries=1000, num_negatives=1000):
-    """Build positives and negatives both ways on Pitts250k-train-shaped positions.
-
-    Returns:
-        a dict with the sizes, one row per approach (name, seconds, peak MiB) and the mean
-        time of one `NegativeSampler.sample(q, num_negatives)` call in microseconds.
-    """
-    db = pitts_like_struct(scale, seed)
-    rows = [("seed: radius_neighbors + setdiff1d per query", *measure(seed_structures, db)),
-            ("project: positives + NegativeSampler", *measure(project_structures, db))]
-    sampler, rng = NegativeSampler(db), np.random.default_rng(seed)
-    num_negatives = min(num_negatives, db.numDb // 4)  # small scales have fewer images
-    queries = rng.integers(0, db.numQ, num_sample_queries)
-    start = time.perf_counter()
-    for q in queries:
-        sampler.sample(q, num_negatives, rng)
-    sample_us = (time.perf_counter() - start) / len(queries) * 1e6
-    return {"num_db": db.numDb, "num_q": db.numQ, "rows": rows, "sample_us": sample_us,
-            "num_negatives": num_negatives}
-
-
-def format_mining(result):
-    """The `bench_mining` result as a small table."""
-    lines = [f"Positives and negatives for {result['num_db']:,} database images and "
-             f"{result['num_q']:,} queries (Pitts250k-train shape)",
-             f"{'approach':<48}{'time (s)':>10}{'peak extra memory':>20}"]
-    for name, seconds, mib in result["rows"]:
-        size = f"{mib / 1024:.2f} GiB" if mib >= 1024 else f"{mib:.1f} MiB"
-        lines.append(f"{name:<48}{seconds:>10.2f}{size:>20}")
-    lines.append(f"NegativeSampler.sample(q, {result['num_negatives']}): "
-                 f"{result['sample_us']:.0f} us per query")
-    lines.append("reference (reference-facts.md, same machine): seed approach 14.6 s, 5.5 GB")
-    return "\n".join(lines)
-
-
-def _run_mining(args):
-    print(format_mining(bench_mining(scale=args.scale, seed=args.seed)))
-
+from netvlad_tutorial.synthetic import make_synthetic_city  # noqa: E402
+from netvlad_tutorial.utils import (  # noqa: E402
+    Precision,
+    atomic_write,
+    autocast,
+    cache_dir,
+    native_bf16,
+    resolve_precision,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Speed: cache pass and training step, the reference formulation vs the project's path
@@ -165,12 +69,11 @@ SPEED_DEFAULTS = {  # image size (H, W), images in the cache pass, batch size, t
     "cuda": {"image_size": (480, 640), "num_images": 4096, "batch_size": 64, "train_steps": 10},
     "cpu": {"image_size": (120, 160), "num_images": 96, "batch_size": 16, "train_steps": 2},
 }
-TARGETS = {  # issue 6: minimum speedups (and GPU throughput, training memory) of the project
+TARGETS = {  # the minimum speedups (and GPU throughput, training memory) the project aims at
     "cuda": {"cache_img_per_s": 1800, "cache_speedup": 3.5, "train_speedup": 3.5,
              "train_peak_mem_mb": 8192, "cosine_min": 0.999},
     "cpu": {"cache_speedup": 2.0, "train_speedup": 2.0, "cosine_min": 0.999},
 }
-RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 
 
 class LoopNetVLAD(nn.Module):
@@ -225,7 +128,7 @@ def bench_images(num_images, image_size=None, image_dir=None, seed=0):
     """`num_images` JPEG paths: files under `image_dir`, else a synthetic city, cycled if few.
 
     The synthetic city (preset "tiny", 960 images at `image_size`) is generated once into
-    `data/cache/bench_city_<H>x<W>_seed<seed>/` and reused.
+    `utils.cache_dir()/bench_city_<H>x<W>_seed<seed>/` and reused.
     """
     if image_dir is not None:
         image_dir = Path(image_dir)
@@ -234,8 +137,6 @@ def bench_images(num_images, image_size=None, image_dir=None, seed=0):
             raise FileNotFoundError(f"no JPEG files (*.jpg, *.jpeg) under {image_dir}; expected "
                                     "a folder of same-size JPEG images, e.g. a Pittsburgh root")
     else:
-        from .synthetic import make_synthetic_city
-
         h, w = image_size
         root = cache_dir() / f"bench_city_{h}x{w}_seed{seed}"
         if not (root / "netvlad_v100_datasets").is_dir():  # the .mat files are written last
@@ -468,16 +369,13 @@ def load_images(paths):
 
 
 def encode_images(model, images, device, batch_size, settings):
-    """(N, out_dim) float32 host array: `model`'s descriptors of `images` (N, 3, H, W)."""
-    fmt = torch.channels_last if settings["channels_last"] else torch.contiguous_format
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for x in images.split(batch_size):
-            x = x.to(device).contiguous(memory_format=fmt)  # (B, 3, H, W)
-            with autocast(device, settings["amp"]):
-                out.append(model(x).float().cpu())  # (B, out_dim)
-    return torch.cat(out).numpy()
+    """(N, out_dim) float32 host array: `model`'s descriptors of `images` (N, 3, H, W), by the
+    package's inference loop (`features.run_inference`) in the variant's precision and layout."""
+    precision = Precision("bf16" if settings["amp"] else "fp32", settings["channels_last"],
+                          "the variant's settings")
+    dataset = [(image, i) for i, image in enumerate(images)]  # items `(image, index)`
+    return run_inference(model, dataset, batch_size, device=device, precision=precision,
+                         dtype=np.float32, label=None)
 
 
 def make_bench_state(paths, device, path, num_clusters=NUM_CLUSTERS, num_images=16, seed=0):
@@ -494,7 +392,7 @@ def make_bench_state(paths, device, path, num_clusters=NUM_CLUSTERS, num_images=
         dict with the `alpha` and the number of descriptors fitted (`num_descriptors`).
     """
     torch.manual_seed(seed)
-    model = build_model(num_clusters, weights=None, train_all=False)
+    model = build_model(num_clusters, weights=None, trainable="conv5")
     with torch.no_grad():
         x = model.encoder.to(device)(load_images(paths[:num_images]).to(device))  # (B, D, h, w)
     descs = F.normalize(x, dim=1).flatten(2).transpose(1, 2).flatten(0, 1)  # (B*h*w, D)
@@ -534,7 +432,7 @@ def run_variant(config):
     torch.backends.cudnn.benchmark = settings["cudnn_benchmark"]
     try:
         torch.manual_seed(config["seed"])
-        model = build_model(NUM_CLUSTERS, weights=None, train_all=False)
+        model = build_model(NUM_CLUSTERS, weights=None, trainable="conv5")
         model.load_state_dict(torch.load(config["state_path"], weights_only=True))
         if settings["pool"] == "loop":
             model.pool = LoopNetVLAD(model.pool)
@@ -594,35 +492,14 @@ def _run_isolated(config, workdir):
     config_path = Path(workdir) / f"config_{config['name']}.json"
     config_path.write_text(json.dumps(config))
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    code = f"from netvlad_tutorial.bench import _variant_main; _variant_main({str(config_path)!r})"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(HERE),
+                                                      env.get("PYTHONPATH")]))
+    code = f"from speed import _variant_main; _variant_main({str(config_path)!r})"
     proc = subprocess.run([sys.executable, "-c", code], env=env, stdout=2)  # stdout -> stderr
     result_path = Path(config["result_path"])
     if not result_path.exists():
         return {"error": f"the {config['name']} process exited with code {proc.returncode}"}
     return json.loads(result_path.read_text())
-
-
-def device_name(device):
-    """The GPU's name, or the CPU's model name and core count."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores"
-
-
-def slugify(text):
-    """`NVIDIA H100 80GB HBM3` -> `nvidia-h100-80gb-hbm3`."""
-    text = re.sub(r"\((r|tm)\)", "", text.lower())
-    return re.sub(r"[^a-z0-9]+", "-", text).strip("-")
 
 
 def _versions(device):
@@ -755,10 +632,7 @@ def save_results(result, out_dir=RESULTS_DIR):
     if result["device"] == "cpu":  # one CPU model name can come with or without AMX
         kind += "_native-bf16" if result.get("native_bf16") else "_no-native-bf16"
     path = out_dir / f"{kind}_{result['date'][:10]}.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, json.dumps(result, indent=2) + "\n")
 
 
 def format_speed(result):
@@ -831,19 +705,9 @@ def _run_speed(args):
 
 
 def build_parser():
-    """One sub-command per benchmark."""
-    parser = argparse.ArgumentParser(prog="python -m netvlad_tutorial.bench",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("mining", help="positives + negative sampling vs the seed's lists")
-    p.add_argument("--scale", type=float, default=1.0,
-                   help="fraction of the Pitts250k-train size (1.0: 91,464 x 7,824)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_run_mining)
-
-    p = sub.add_parser("speed", help="cache pass and training step: reference vs project",
-                       description=bench_speed.__doc__.split("\n")[0])
+    """The options of the speed benchmark."""
+    p = argparse.ArgumentParser(prog="python benchmarks/speed.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cuda", "cpu"], default=None,
                    help="default: cuda if available")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -878,14 +742,12 @@ def build_parser():
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="the project variant's precision (an fp32 project variant always runs "
                         "too); auto: bf16 only with native bf16")
-    p.set_defaults(func=_run_speed)
-    return parser
+    return p
 
 
 def main(argv=None):
-    """Run the benchmark named on the command line."""
-    args = build_parser().parse_args(argv)
-    args.func(args)
+    """Run the speed benchmark with the options on the command line."""
+    _run_speed(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

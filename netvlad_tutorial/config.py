@@ -1,0 +1,152 @@
+"""Every setting of a training run (`TrainConfig`) and the named presets (`PRESETS`).
+
+The first module of the course: every later stage reads its settings from a `TrainConfig`.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+
+from . import __version__
+
+TRAINABLE = ("all", "conv5", "netvlad")  # what trains: `TrainConfig.trainable`
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run; the defaults are the reference (Nanne) settings."""
+
+    data_root: str = ""
+    dataset: str | None = None  # `.mat` prefix, e.g. "pitts30k"; None: the only one there
+    image_size: tuple | None = None  # (H, W) to resize to; None keeps the files' size
+    num_clusters: int = 64
+    weights: str | None = "imagenet"  # "imagenet", a local file, or None (random)
+    # What trains: "all" (every VGG16 layer and NetVLAD), "conv5" (conv5_1..conv5_3 and
+    # NetVLAD, the reference with ImageNet weights) or "netvlad" (only NetVLAD: a frozen
+    # encoder, the tiny preset, see there).
+    trainable: str = "conv5"
+    optimizer: str = "sgd"
+    lr: float = 1e-4
+    momentum: float = 0.9
+    weight_decay: float = 1e-3
+    lr_step: int = 5
+    lr_gamma: float = 0.5
+    epochs: int = 30
+    patience: int = 10  # early stop after this many epochs without a better R@5
+    batch_size: int = 4  # tuples per step
+    n_neg: int = 10
+    n_neg_sample: int = 1000
+    n_neg_dist: int = 100
+    # The paper's margin, on squared distances. Mining and the loss compare plain distances
+    # with sqrt(margin) (0.316), as the reference code (see `mining.triplet_loss`).
+    margin: float = 0.1
+    cache_refresh: int = 1000  # queries between two cache refreshes
+    max_queries: int | None = None  # training queries per epoch (None: all)
+    cache_batch_size: int = 24
+    num_workers: int = 8
+    seed: int = 123
+    precision: str = "auto"  # "fp32", "bf16", or "auto": bf16 where native (resolve_precision)
+    cache_storage: str = "auto"  # descriptor/feature caches: "memory", "disk" or "auto" (by size)
+    feature_cache: bool = True  # a frozen encoder runs once per image (see FeatureCache)
+    device: str | None = None
+    kmeans_images: int = 500
+    kmeans_per_image: int = 100
+    kmeans_iters: int = 100
+    pca_dim: int = 4096
+
+    def __post_init__(self):
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"trainable must be one of {', '.join(TRAINABLE)}, not "
+                             f"{self.trainable!r}")
+
+    def replace(self, **changes):
+        """A copy with `changes` applied."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, d, source="the configuration", strict=True, version=None):
+        """A `TrainConfig` from a dict read from a file (`config.json`, a checkpoint).
+
+        Older files are mapped to the settings that mean the same:
+        - `amp: true/false` becomes `precision: "auto"/"fp32"`;
+        - `train_all` and `freeze_encoder` become `trainable` (`old_trainable`);
+        - `image_size` lists become tuples.
+
+        Args:
+            source: the file, for the error message.
+            strict: refuse settings this version does not know; else drop them (with a note).
+            version: the package version that wrote the file, for the error message.
+        """
+        d, names = dict(d), {f.name for f in dataclasses.fields(cls)}
+        if "amp" in d and "amp" not in names:
+            d["precision"] = "auto" if d.pop("amp") else "fp32"
+        if "train_all" in d or "freeze_encoder" in d:
+            d["trainable"] = old_trainable(d.pop("train_all", None),
+                                           d.pop("freeze_encoder", False),
+                                           d.get("weights", cls.weights))
+        unknown = sorted(set(d) - names)
+        if unknown:
+            by = f"netvlad_tutorial {version}" if version else "another version"
+            message = (f"{source} has settings unknown to netvlad_tutorial {__version__}: "
+                       f"{', '.join(unknown)} (written by {by})")
+            if strict:
+                raise ValueError(f"{message}; continue it with that version, or start a new "
+                                 "run (a new --out)")
+            print(f"{message}; ignored")
+            for key in unknown:
+                d.pop(key)
+        if d.get("image_size") is not None:
+            d["image_size"] = tuple(d["image_size"])
+        return cls(**d)
+
+
+def old_trainable(train_all, freeze_encoder, weights):
+    """The `trainable` of a file written before it existed, from its `train_all` (None:
+    conv5 with weights, all with random ones) and `freeze_encoder` (only NetVLAD)."""
+    if freeze_encoder:
+        return "netvlad"
+    if train_all is None:
+        train_all = weights is None
+    return "all" if train_all else "conv5"
+
+
+PRESETS = {
+    # The synthetic city on 2 CPU cores: about two minutes. Random initialization (no ImageNet
+    # weights offline), so only the NetVLAD layer trains, on top of fixed random VGG16 features.
+    # Training the whole random encoder on 96 queries did not generalize in our runs: the test
+    # recall jumped around the untrained one, and Adam or a larger SGD step collapsed the
+    # descriptors (see notebook 05 and the README).
+    "tiny": TrainConfig(
+        dataset="synthetic", image_size=(96, 128), num_clusters=16, weights=None,
+        trainable="netvlad", lr=1e-2, lr_step=100, epochs=10, patience=10, batch_size=4,
+        n_neg=4, n_neg_sample=200, n_neg_dist=50, cache_batch_size=32, num_workers=0,
+        kmeans_images=100, kmeans_per_image=20, kmeans_iters=50, pca_dim=64,
+    ),
+    # A larger synthetic city (`make-synthetic --preset small`), still on a CPU.
+    "small": TrainConfig(
+        dataset="synthetic", image_size=(120, 160), num_clusters=32, weights=None,
+        trainable="netvlad", lr=1e-2, lr_step=100, epochs=6, patience=6, batch_size=4, n_neg=6,
+        n_neg_sample=500, n_neg_dist=100, cache_batch_size=32, num_workers=2,
+        kmeans_images=200, kmeans_per_image=50, pca_dim=128,
+    ),
+    # The reference settings, for one GPU.
+    "pitts30k": TrainConfig(dataset="pitts30k"),
+    "pitts250k": TrainConfig(dataset="pitts250k"),
+    # The tiny city from ImageNet VGG16 weights (`weights download imagenet` first; offline the
+    # encoder stays random, with a warning): conv5 + NetVLAD train, as the reference. lr 1e-3 is
+    # the paper's SGD rate: pretrained conv5 weights would be wrecked by the tiny preset's 1e-2
+    # (meant for a freshly initialized NetVLAD layer alone), and Nanne's 1e-4 barely moves them
+    # in ten epochs of 144 queries (Pitts30k gives 30 epochs of 7,416 queries).
+    "tiny-imagenet": TrainConfig(
+        dataset="synthetic", image_size=(96, 128), num_clusters=16, weights="imagenet",
+        trainable="conv5", lr=1e-3, lr_step=100, epochs=10, patience=10,
+        batch_size=4, n_neg=4, n_neg_sample=200, n_neg_dist=50, cache_batch_size=32,
+        num_workers=0, kmeans_images=100, kmeans_per_image=20, kmeans_iters=50, pca_dim=64,
+    ),
+}
+
+
+def get_preset(name):
+    """The preset `name`, with a clear error for an unknown one."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
