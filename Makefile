@@ -46,8 +46,8 @@ figures: setup city
 	$(PY) -m netvlad_tutorial figures --out figures
 
 bench: setup
-	$(PY) -m netvlad_tutorial.bench mining
-	$(PY) -m netvlad_tutorial.bench speed --device cpu
+	$(PY) benchmarks/mining.py
+	$(PY) benchmarks/speed.py --device cpu
 
 clean-city:
 	rm -rf $(CITY)
