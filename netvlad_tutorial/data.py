@@ -5,7 +5,8 @@ from the authors' `netvlad_v100_datasets` files (Pittsburgh 250k/30k, Tokyo 24/7
 from a VPR-benchmark image folder. From the positions come the ground truth:
 - evaluation positives: database images within `posDistThr` (25 m) of the query;
 - training positives: within `sqrt(nonTrivPosDistSqThr)` (10 m);
-- negatives: farther than 25 m (drawn on demand by `NegativeSampler`, never listed).
+- negatives: farther than 25 m (drawn on demand by `NegativeSampler`, never listed; what listing
+  them would cost: `compare_negative_memory`).
 """
 
 import hashlib

@@ -54,7 +54,7 @@ def _new_array(shape, dtype, out_path):
 
 
 def run_inference(model, dataset, batch_size=24, num_workers=0, device=None, precision=None,
-                  dtype=np.float16, out_path=None, label="Caching descriptors"):
+                  dtype=np.float16, out_path=None, label="Caching descriptors", shard=True):
     """`model`'s output for every item of `dataset`, as an array; the one inference loop.
 
     Runs under `model.eval()` and `torch.no_grad()` (the model's train/eval mode is restored
@@ -70,17 +70,18 @@ def run_inference(model, dataset, batch_size=24, num_workers=0, device=None, pre
         out_path: if given, a disk-backed `.npy` file (`np.lib.format.open_memmap`) holds the
             result instead of RAM.
         label: the progress bar's label; None: no progress bar.
-
-    Under `torch.distributed` (see `distributed`), each rank runs only its `distributed.shard`
-    of the items and every rank gets the whole array, in the same order, gathered exactly; a
-    disk-backed `out_path` is written by rank 0 alone (the other ranks hold it in RAM).
+        shard: under `torch.distributed` (see `distributed`), each rank runs only its
+            `distributed.shard` of the items and every rank gets the whole array, in the same
+            order, gathered exactly; a disk-backed `out_path` is written by rank 0 alone (the
+            other ranks hold it in RAM). False: every rank runs every item on its own, with no
+            collective call (for work that some ranks may skip, e.g. a cached result).
     """
     dtype = np.dtype(dtype)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be float16 or float32, got {dtype}")
     device = torch.device(device) if device is not None else _model_device(model)
     precision = _as_precision(precision, device)
-    num_rows, sharded = _num_rows(dataset), distributed.is_initialized()
+    num_rows, sharded = _num_rows(dataset), shard and distributed.is_initialized()
     if sharded:  # this rank's items only; rank 0 alone writes a file
         dataset = Subset(dataset, distributed.shard(len(dataset)))
         out_path = out_path if distributed.is_main() else None

@@ -6,6 +6,9 @@ For a training query, from a descriptor cache of the training split:
   query's negatives of last time (the negative cache): of their `n_neg_dist` nearest, those with
   `d_neg < d_pos + sqrt(margin)`, at most `n_neg`, nearest first;
 - a query without any such violating negative is skipped.
+
+`margin` has one unit everywhere (`TrainConfig.margin`, 0.1): the paper's margin on squared
+distances. Mining and `triplet_loss` compare plain distances, so both use `sqrt(margin)`.
 """
 
 import contextlib

@@ -1,7 +1,9 @@
 """Stage 2: the network. VGG16-conv5 encoder, NetVLAD pooling, k-means init, PCA whitening.
 
 Reads top to bottom like the course: encoder -> NetVLAD layer (a per-cluster loop, then the same
-thing as one matrix product) -> k-means initialization -> PCA whitening and the whole model.
+thing as one matrix product) -> k-means initialization -> PCA whitening and the whole model ->
+the model of a run (`make_model`, its centroid cache) -> loading released weights and this
+project's checkpoints.
 """
 
 import hashlib
@@ -270,13 +272,14 @@ def sample_local_descriptors(encoder, dataset, num_images=500, per_image=100, ba
     num_db = _num_db(dataset)
     images = np.sort(rng.choice(num_db, min(num_images, num_db), replace=False))
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
-    net = _UnitLocalDescriptors(encoder)
+    net = _UnitLocalDescriptors(encoder).train(encoder.training)  # mode restored after each pass
     descs = []
     for start in tqdm(range(0, len(images), batch_size), desc="Local descriptors for k-means",
                       unit="batch"):
         batch = _Renumbered(dataset, images[start:start + batch_size])
+        # Not sharded under torchrun: a rank that finds the centroid cache skips this pass.
         x = run_inference(net, batch, batch_size, num_workers, device, precision,
-                          dtype=np.float32, label=None)  # `x`: (B, h*w, D)
+                          dtype=np.float32, label=None, shard=False)  # `x`: (B, h*w, D)
         for xi in x:  # `xi`: (h*w, D)
             descs.append(xi[rng.choice(len(xi), min(per_image, len(xi)), replace=False)])
     return np.concatenate(descs).astype(np.float32)  # (N, D)
