@@ -4,6 +4,7 @@ Reads top to bottom like the course: encoder -> NetVLAD layer (a per-cluster loo
 thing as one matrix product) -> k-means initialization -> PCA whitening and the whole model.
 """
 
+import contextlib
 import hashlib
 import warnings
 from pathlib import Path
@@ -33,7 +34,12 @@ IMAGENET_URL = VGG16_Weights.IMAGENET1K_V1.url
 
 
 def _float32(x):
-    """A context with autocast off on `x`'s device: the code inside runs in float32."""
+    """A context with autocast off on `x`'s device: the code inside runs in float32.
+
+    On the "meta" device (shapes only, no autocast there) it does nothing.
+    """
+    if x.device.type == "meta":
+        return contextlib.nullcontext()
     return torch.autocast(x.device.type, enabled=False)
 
 
