@@ -334,6 +334,19 @@ def init_netvlad(model, dataset, cache_path=None, num_images=500, per_image=100,
     return {**init, "path": cache_path}
 
 
+def random_netvlad(pool, seed=0, alpha=100.0):
+    """Random centroids instead of k-means: what NetVLAD starts from without `init_netvlad`.
+
+    The centroids are uniform in [0, 1)^D, as the layer is built here and in
+    Nanne/pytorch-NetVlad (`torch.rand`), drawn from their own generator seeded by `seed`
+    (the global random state is left alone); the assignment weights are α·(normalized
+    centroid), with the layer's default α = 100.
+    """
+    g = torch.Generator().manual_seed(seed)
+    pool.set_centroids(torch.rand(pool.num_clusters, pool.dim, generator=g), alpha)
+    return pool
+
+
 # ---------------------------------------------------------------------------------------------
 # PCA whitening and the whole model
 # ---------------------------------------------------------------------------------------------

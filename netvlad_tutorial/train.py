@@ -48,6 +48,7 @@ from .model import (
     init_netvlad,
     load_model,
     model_config,
+    random_netvlad,
 )
 from .utils import (
     atomic_json,
@@ -299,14 +300,18 @@ def whole_dataset(split, config):
                         queries_dir=split.queries_dir, same_size=config.image_size is None)
 
 
-def make_model(config, train_split, device):
+def make_model(config, train_split, device, init="kmeans"):
     """VGG16-conv5 + NetVLAD, seeded, with k-means centroids (computed once, then cached).
 
     Args:
         train_split: the split to draw k-means descriptors from; None when the weights come
             from a checkpoint (no k-means, no centroid cache, no training data, and no
             pretrained encoder file needed).
+        init: "kmeans", or "random" for the same model with random centroids
+            (`model.random_netvlad`, seeded by `config.seed`): no k-means runs.
     """
+    if init not in ("kmeans", "random"):
+        raise ValueError(f"init must be 'kmeans' or 'random', got {init!r}")
     set_seed(config.seed)
     if train_split is None:  # no pretrained file is read: the checkpoint holds every weight
         train_all = config.train_all if config.train_all is not None else config.weights is None
@@ -319,11 +324,14 @@ def make_model(config, train_split, device):
     model.to(device)
     if train_split is None:
         return model
-    init_netvlad(model, whole_dataset(train_split, config),
-                 cache_path=centroids_path(config, train_split),
-                 num_images=config.kmeans_images, per_image=config.kmeans_per_image,
-                 iters=config.kmeans_iters, seed=config.seed, device=device,
-                 precision=resolve_precision(config.precision, device))
+    if init == "random":
+        random_netvlad(model.pool, config.seed)
+    else:
+        init_netvlad(model, whole_dataset(train_split, config),
+                     cache_path=centroids_path(config, train_split),
+                     num_images=config.kmeans_images, per_image=config.kmeans_per_image,
+                     iters=config.kmeans_iters, seed=config.seed, device=device,
+                     precision=resolve_precision(config.precision, device))
     distributed.sync_module(model)  # torchrun: every rank starts from rank 0's weights
     return model
 
