@@ -429,42 +429,41 @@ def plot_distance_histograms(before, after, margin=None, labels=("untrained", "t
 
     Top: histograms of the distance to the nearest positive (green) and to the nearest
     negative (red). Bottom: the gap d_neg − d_pos of each query; a query is correct at R@1
-    exactly when its gap is positive, and a triplet with gap ≥ `margin` adds no loss.
+    exactly when its gap is positive, and a triplet with gap ≥ `margin` adds no loss. Each
+    panel has its own scale (an untrained model's distances may be a hundred times smaller).
 
     Args:
         before, after: (d_pos (M,), d_neg (M,)) as `evaluate.positive_negative_distances`
             returns them (non-finite values are left out).
-        margin: the loss margin in distance units (this course's loss: sqrt(config.margin)).
-            The loss is computed on training positives (10 m); here the positives are those of
-            the evaluation (25 m), so the line is a guide, not the loss itself.
+        margin: the loss margin in distance units (this course's loss: sqrt(config.margin)),
+            drawn where it falls inside the gaps' range. The loss uses training positives
+            (10 m), these gaps the evaluation positives (25 m): the line is a guide.
     """
-    pairs = [tuple(np.asarray(d, dtype=float) for d in pair) for pair in (before, after)]
-    both = np.concatenate([d for pair in pairs for d in pair])
-    edges = np.histogram_bin_edges(both[np.isfinite(both)], bins=bins)
-    gaps = [d_neg - d_pos for d_pos, d_neg in pairs]
-    finite_gaps = np.concatenate([g[np.isfinite(g)] for g in gaps])
-    gap_edges = np.histogram_bin_edges(
-        np.concatenate([finite_gaps, [0.0]] + ([[margin]] if margin else [])), bins=bins)
-    fig = NotebookFigure(figsize=(11, 7), layout="constrained")
-    axes = fig.subplots(2, 2, sharex="row", sharey="row")
-    for col, ((d_pos, d_neg), gap, label) in enumerate(zip(pairs, gaps, labels)):
+    fig = NotebookFigure(figsize=(11, 7.4), layout="constrained")
+    axes = fig.subplots(2, 2)
+    for col, ((d_pos, d_neg), label) in enumerate(zip((before, after), labels)):
+        d_pos, d_neg = np.asarray(d_pos, dtype=float), np.asarray(d_neg, dtype=float)
         dist_ax, gap_ax = axes[:, col]
+        both = np.concatenate([d_pos, d_neg])
+        edges = np.histogram_bin_edges(both[np.isfinite(both)], bins=bins)
         dist_ax.hist(d_pos[np.isfinite(d_pos)], edges, color="tab:green", alpha=0.6,
                      label="d_pos: nearest positive")
         dist_ax.hist(d_neg[np.isfinite(d_neg)], edges, color="tab:red", alpha=0.6,
                      label="d_neg: nearest negative")
         dist_ax.set(xlabel="descriptor distance", ylabel="queries",
-                    title=f"{label}: median d_pos {np.median(d_pos):.3f}, "
-                          f"d_neg {np.median(d_neg):.3f}")
+                    title=f"{label}\nmedian d_pos {np.median(d_pos):.3g}, "
+                          f"median d_neg {np.median(d_neg):.3g}")
         dist_ax.legend(fontsize=9)
+        gap = d_neg - d_pos
         gap = gap[np.isfinite(gap)]
-        gap_ax.hist(gap, gap_edges, color="tab:blue", alpha=0.7)
-        gap_ax.axvline(0, color="black", lw=1.5, label="0: correct at R@1 to the right")
-        title = f"{label}: d_neg − d_pos > 0 for {100 * np.mean(gap > 0):.1f}% (= R@1)"
+        gap_ax.hist(gap, np.histogram_bin_edges(np.append(gap, 0.0), bins=bins),
+                    color="tab:blue", alpha=0.7)
+        gap_ax.axvline(0, color="black", lw=1.5, label="0: right of it, correct at R@1")
+        title = f"{label}\nd_neg − d_pos > 0: {100 * np.mean(gap > 0):.1f}% (= R@1)"
         if margin:
-            gap_ax.axvline(margin, color="tab:orange", lw=1.5, ls="--",
-                           label=f"margin {margin:.3f}")
-            title += f", ≥ margin {100 * np.mean(gap >= margin):.1f}%"
+            title += f"; ≥ margin {margin:.3g}: {100 * np.mean(gap >= margin):.1f}%"
+            if margin <= gap.max():
+                gap_ax.axvline(margin, color="tab:orange", lw=1.5, ls="--", label="margin")
         gap_ax.set(xlabel="d_neg − d_pos", ylabel="queries", title=title)
         gap_ax.legend(fontsize=9)
     return fig

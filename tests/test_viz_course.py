@@ -71,9 +71,13 @@ def test_plot_distance_histograms_heights_and_lines():
     assert [line.get_xdata()[0] for line in gap_ax.lines] == [0, 0.316]
     gap = after[1] - after[0]
     gap = gap[np.isfinite(gap)]
-    assert f"for {100 * np.mean(gap > 0):.1f}% (= R@1)" in gap_ax.get_title()
-    assert f"≥ margin {100 * np.mean(gap >= 0.316):.1f}%" in gap_ax.get_title()
+    assert f"> 0: {100 * np.mean(gap > 0):.1f}% (= R@1)" in gap_ax.get_title()
+    assert f"≥ margin 0.316: {100 * np.mean(gap >= 0.316):.1f}%" in gap_ax.get_title()
     assert sum(p.get_height() for p in gap_ax.patches) == 49
+    # A margin beyond every gap is named in the title but not drawn.
+    fig = viz.plot_distance_histograms(before, after, margin=5.0)
+    assert [line.get_xdata()[0] for line in fig.axes[3].lines] == [0]
+    assert "≥ margin 5: 0.0%" in fig.axes[3].get_title()
 
 
 def test_plot_retrievals_before_after_frames_from_positives(split):
