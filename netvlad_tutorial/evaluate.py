@@ -181,39 +181,42 @@ def mcnemar_exact(fixed, broken):
     return float(binomtest(fixed, fixed + broken, 0.5).pvalue)
 
 
+def _distance(q_row, db_rows):
+    """Euclidean distances (P,) in float64 from one descriptor (D,) to rows (P, D)."""
+    diff = np.asarray(db_rows, dtype=np.float64) - np.asarray(q_row, dtype=np.float64)
+    return np.sqrt(np.square(diff).sum(1))
+
+
 def positive_negative_distances(q_desc, db_desc, positives, device=None):
     """Per query, the distance to its nearest positive and to its nearest non-positive.
 
     With the evaluation positives (25 m), the nearest non-positive is the nearest negative,
     and a query is correct at R@1 exactly when `d_pos < d_neg`: the two histograms show how
     far the model is from separating them. `inf` where a query has no positive (no
-    non-positive). Distances are Euclidean, float64 for `d_pos`, from `topk_search` for
-    `d_neg` (it is among the first P + 1 neighbours of a query with P positives).
+    non-positive). The nearest non-positive is found by `topk_search` among the first P + 1
+    neighbours of a query with P positives; both distances are then computed in float64.
 
     Returns:
-        `d_pos` (M,), `d_neg` (M,) float arrays.
+        `d_pos` (M,), `d_neg` (M,) float64 arrays.
     """
-    num_db = len(db_desc)
+    k = min(len(db_desc), max(len(p) for p in positives) + 1)
+    _, idx = topk_search(q_desc, db_desc, k, device=device)  # `idx`: (M, k)
     d_pos = np.full(len(q_desc), np.inf)  # `d_pos`: (M,)
-    for i, pos in enumerate(positives):
-        if len(pos):
-            diff = (np.asarray(db_desc[np.sort(pos)], dtype=np.float64)
-                    - np.asarray(q_desc[i], dtype=np.float64))  # (P, D)
-            d_pos[i] = np.sqrt(np.square(diff).sum(1)).min()
-    k = min(num_db, max(len(p) for p in positives) + 1)
-    dist, idx = topk_search(q_desc, db_desc, k, device=device)  # (M, k), (M, k)
     d_neg = np.full(len(q_desc), np.inf)  # `d_neg`: (M,)
     for i, pos in enumerate(positives):
-        other = np.flatnonzero(~np.isin(idx[i], pos))
+        if len(pos):
+            d_pos[i] = _distance(q_desc[i], db_desc[np.sort(pos)]).min()
+        other = idx[i][~np.isin(idx[i], pos)]
         if len(other):
-            d_neg[i] = dist[i, other[0]]
+            d_neg[i] = _distance(q_desc[i], db_desc[other[:1]])[0]
     return d_pos, d_neg
 
 
 def neighbour_agreement(desc, labels, k=3):
     """Fraction of the k nearest neighbours (in descriptor space) that share an image's label.
 
-    Each image's own row is left out (the first neighbour of an image is itself).
+    Each image's first neighbour, itself, is left out (with exact duplicate descriptors, the
+    one of lowest index is taken for it).
     """
     labels = np.asarray(labels)
     _, nn = topk_search(desc, desc, k=k + 1)  # `nn`: (N, k + 1), column 0 = the image itself
