@@ -61,15 +61,23 @@ def test_backward_memory_vgg16_all_minus_conv5_closed_form():
     assert (mem["conv5"]["grad"] - mem["netvlad"]["grad"]) * MIB >= 3 * b * 512 * h * w * 4
 
 
+def _mini_vgg():
+    """VGG16's pattern in miniature: a block, a max-pool, then conv5_1 … conv5_3."""
+    layers = [nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+    for i in range(3):
+        layers += [nn.Conv2d(8, 8, 3, padding=1)] + ([nn.ReLU(inplace=True)] if i < 2 else [])
+    return model.EmbedNet(nn.Sequential(*layers), model.NetVLAD(num_clusters=4, dim=8))
+
+
 def test_backward_memory_meta_equals_a_real_forward_pass():
     torch.manual_seed(0)
-    net = model.build_model(num_clusters=4)
+    net = _mini_vgg()
     flags = [p.requires_grad for p in net.parameters()]
     for trainable in features.TRAINABLE:
-        meta = features.backward_memory_mib(net, 1, (32, 32), trainable)
-        cpu = features.backward_memory_mib(net, 1, (32, 32), trainable, device="cpu")
-        assert meta == cpu and meta["grad"] > 0
+        meta = features.backward_memory_mib(net, 2, (16, 24), trainable)
+        cpu = features.backward_memory_mib(net, 2, (16, 24), trainable, device="cpu")
+        assert meta == cpu and meta["grad"] > 0 and meta["no_grad"] == 0
     assert [p.requires_grad for p in net.parameters()] == flags  # the model is left alone
     assert next(net.parameters()).device.type == "cpu"
     with pytest.raises(ValueError, match="trainable"):
-        features.backward_memory_mib(net, 1, (32, 32), trainable="conv4")
+        features.backward_memory_mib(net, 1, (16, 16), trainable="conv4")
