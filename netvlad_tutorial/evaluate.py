@@ -6,10 +6,13 @@ the descriptors of a split and its recall -> evaluating a checkpoint, with PCA w
 
 import hashlib
 import os
+from dataclasses import dataclass
+from math import comb
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
+from scipy.stats import binomtest
 
 from .config import PRESETS, get_preset
 from .data import eval_positives, load_split, whole_dataset
@@ -123,6 +126,139 @@ def recall_curve(q_desc, db_desc, positives, max_n=100, device=None):
     _, predictions = topk_search(q_desc, db_desc, max_n, device=device)
     ranks = first_hit_rank(predictions, positives)  # (M,)
     return np.array([np.mean(ranks < n) for n in range(1, max_n + 1)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the results: chance, paired before/after, distances, neighbours
+# ---------------------------------------------------------------------------------------------
+
+
+def chance_recall(positives, num_db, n):
+    """Recall@n of a random ranking of the database, averaged over the queries.
+
+    A query with P positives among `num_db` images misses them all in n draws without
+    replacement with probability C(num_db − P, n) / C(num_db, n) (hypergeometric); a query
+    without any positive always misses, as in `recall_from_predictions`.
+    """
+    n = min(n, num_db)
+    return float(np.mean([1 - comb(num_db - len(p), n) / comb(num_db, n) for p in positives]))
+
+
+def hits_at_n(predictions, positives, n):
+    """(M,) booleans: whether each query has a positive among its first `n` predictions."""
+    return first_hit_rank(predictions, positives) < n
+
+
+@dataclass(frozen=True)
+class PairedOutcomes:
+    """The same queries at Recall@`n` before and after (e.g. untrained and trained model).
+
+    `before`, `after`: (M,) booleans, correct at R@n. `both`, `fixed` (wrong → correct),
+    `broken` (correct → wrong) and `neither` are query indices; only `fixed` and `broken` say
+    anything about the change, and McNemar's test (`p_value`) asks whether they differ by more
+    than chance.
+    """
+
+    n: int
+    before: np.ndarray
+    after: np.ndarray
+
+    @property
+    def both(self):
+        return np.flatnonzero(self.before & self.after)
+
+    @property
+    def fixed(self):
+        return np.flatnonzero(~self.before & self.after)
+
+    @property
+    def broken(self):
+        return np.flatnonzero(self.before & ~self.after)
+
+    @property
+    def neither(self):
+        return np.flatnonzero(~self.before & ~self.after)
+
+    @property
+    def table(self):
+        """Counts (2, 2): rows before correct / wrong, columns after correct / wrong."""
+        return np.array([[len(self.both), len(self.broken)],
+                         [len(self.fixed), len(self.neither)]])
+
+    @property
+    def p_value(self):
+        """McNemar's exact two-sided p-value of `fixed` against `broken`."""
+        return mcnemar_exact(len(self.fixed), len(self.broken))
+
+
+def paired_outcomes(pred_before, pred_after, positives, n):
+    """`PairedOutcomes` at Recall@`n` of two (M, >= n) predictions of the same queries."""
+    return PairedOutcomes(n, hits_at_n(pred_before, positives, n),
+                          hits_at_n(pred_after, positives, n))
+
+
+def mcnemar_exact(fixed, broken):
+    """McNemar's exact two-sided p-value: the discordant pairs against a fair coin.
+
+    Under "no change", each of the `fixed + broken` queries that changed is fixed or broken
+    with probability 1/2: p = P(Binomial(fixed + broken, 1/2) at least as far from the middle
+    as observed) = min(1, 2 · P(X <= min(fixed, broken))). 1.0 when nothing changed.
+    """
+    if fixed + broken == 0:
+        return 1.0
+    return float(binomtest(fixed, fixed + broken, 0.5).pvalue)
+
+
+def _distance(q_row, db_rows):
+    """Euclidean distances (P,) in float64 from one descriptor (D,) to rows (P, D)."""
+    diff = np.asarray(db_rows, dtype=np.float64) - np.asarray(q_row, dtype=np.float64)
+    return np.sqrt(np.square(diff).sum(1))
+
+
+def positive_negative_distances(q_desc, db_desc, positives, device=None):
+    """Per query, the distance to its nearest positive and to its nearest non-positive.
+
+    With the evaluation positives (25 m), the nearest non-positive is the nearest negative,
+    and a query is correct at R@1 exactly when `d_pos < d_neg`: the two histograms show how
+    far the model is from separating them. `inf` where a query has no positive (no
+    non-positive). The nearest non-positive is found by `topk_search` among the first P + 1
+    neighbours of a query with P positives; both distances are then computed in float64.
+
+    Returns:
+        `d_pos` (M,), `d_neg` (M,) float64 arrays.
+    """
+    k = min(len(db_desc), max(len(p) for p in positives) + 1)
+    _, idx = topk_search(q_desc, db_desc, k, device=device)  # `idx`: (M, k)
+    d_pos = np.full(len(q_desc), np.inf)  # `d_pos`: (M,)
+    d_neg = np.full(len(q_desc), np.inf)  # `d_neg`: (M,)
+    for i, pos in enumerate(positives):
+        if len(pos):
+            d_pos[i] = _distance(q_desc[i], db_desc[np.sort(pos)]).min()
+        other = idx[i][~np.isin(idx[i], pos)]
+        if len(other):
+            d_neg[i] = _distance(q_desc[i], db_desc[other[:1]])[0]
+    return d_pos, d_neg
+
+
+def neighbour_agreement(desc, labels, k=3):
+    """Fraction of the k nearest neighbours (in descriptor space) that share an image's label.
+
+    Each image's first neighbour, itself, is left out (with exact duplicate descriptors, the
+    one of lowest index is taken for it).
+    """
+    labels = np.asarray(labels)
+    _, nn = topk_search(desc, desc, k=k + 1)  # `nn`: (N, k + 1), column 0 = the image itself
+    return float(np.mean(labels[nn[:, 1:]] == labels[:, None]))
+
+
+def whiten(pca, desc):
+    """Cached descriptors (N, D) (float16 numpy ok) through a fitted `model.PCAWhitening`.
+
+    The same as the model's own `pca` layer on the images: a linear map, then L2-normalization.
+    """
+    v = torch.as_tensor(np.asarray(desc)).float().to(pca.linear.weight.device)  # `v`: (N, D)
+    with torch.no_grad():
+        return pca(v).cpu().numpy()  # (N, out_dim)
 
 
 def panorama_id(image_name):

@@ -205,3 +205,65 @@ class FeatureDataset(Dataset):
 
     def __getitem__(self, i):
         return torch.from_numpy(np.asarray(self.features[i], dtype=np.float32)), i
+
+
+# ---------------------------------------------------------------------------------------------
+# Why the cache runs under `no_grad()`: what autograd keeps for backward
+# ---------------------------------------------------------------------------------------------
+
+TRAINABLE = ("netvlad", "conv5", "all")
+
+
+def saved_for_backward_mib(fn, exclude=()):
+    """(MiB of tensors autograd saves for backward while `fn()` runs, the result of `fn()`).
+
+    `torch.autograd.graph.saved_tensors_hooks` sees every tensor that a layer saves for its
+    backward pass. Each storage is counted once (in-place ReLU outputs share their input's);
+    storages of the tensors in `exclude` are left out: pass the parameters, which exist anyway,
+    to count only the activations.
+    """
+    skip = {id(t.untyped_storage()) for t in exclude}
+    kept = {}  # id -> storage; holding the storage keeps its id unique
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if id(storage) not in skip:
+            kept[id(storage)] = storage
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(s.nbytes() for s in kept.values()) / 2**20, out
+
+
+def backward_memory_mib(model, batch_size, image_size, trainable="conv5", device="meta"):
+    """MiB of activations that one forward pass of a batch keeps for backward, without and
+    with `no_grad()`.
+
+    A layer saves tensors for backward only when something before or in it trains: with a
+    frozen encoder ("netvlad", the `tiny` preset) only the NetVLAD layer saves its inputs;
+    with "conv5" (the reference with ImageNet weights) conv5_1…conv5_3 do too; with "all"
+    (a random encoder trained from scratch) every layer does, from conv1_1's 64 full-size maps
+    on. The parameters are not counted. On the "meta" device (the default) tensors have shapes
+    but no data: the count is exact at any size, without memory or arithmetic.
+
+    Args:
+        model: an `EmbedNet` (copied; its own flags and weights are left alone).
+        image_size: (H, W) of the batch; trainable: one of `TRAINABLE`.
+
+    Returns:
+        {"grad": MiB, "no_grad": MiB}.
+    """
+    if trainable not in TRAINABLE:
+        raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
+    net = copy.deepcopy(model).to(device).eval()
+    net.requires_grad_(trainable == "all")
+    net.pool.requires_grad_(True)
+    if trainable == "conv5":
+        net.encoder[-5:].requires_grad_(True)  # conv5_1, ReLU, conv5_2, ReLU, conv5_3
+    images = torch.zeros(batch_size, 3, *image_size, device=device)  # (B, 3, H, W)
+    params = list(net.parameters())
+    grad, _ = saved_for_backward_mib(lambda: net(images), exclude=params)
+    with torch.no_grad():
+        no_grad, _ = saved_for_backward_mib(lambda: net(images), exclude=params)
+    return {"grad": grad, "no_grad": no_grad}

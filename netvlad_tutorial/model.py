@@ -6,6 +6,7 @@ the model of a run (`make_model`, its centroid cache) -> loading released weight
 project's checkpoints.
 """
 
+import contextlib
 import hashlib
 import json
 import warnings
@@ -40,7 +41,12 @@ IMAGENET_URL = VGG16_Weights.IMAGENET1K_V1.url
 
 
 def _autocast_off(x):
-    """A context with autocast off on `x`'s device: the code inside runs in float32."""
+    """A context with autocast off on `x`'s device: the code inside runs in float32.
+
+    On the "meta" device (shapes only, no autocast there) it does nothing.
+    """
+    if x.device.type == "meta":
+        return contextlib.nullcontext()
     return torch.autocast(x.device.type, enabled=False)
 
 
@@ -339,6 +345,19 @@ def init_netvlad(model, dataset, cache_path=None, num_images=500, per_image=100,
     return {**init, "path": cache_path}
 
 
+def random_netvlad(pool, seed=0, alpha=100.0):
+    """Random centroids instead of k-means: what NetVLAD starts from without `init_netvlad`.
+
+    The centroids are uniform in [0, 1)^D, as the layer is built here and in
+    Nanne/pytorch-NetVlad (`torch.rand`), drawn from their own generator seeded by `seed`
+    (the global random state is left alone); the assignment weights are α·(normalized
+    centroid), with the layer's default α = 100.
+    """
+    g = torch.Generator().manual_seed(seed)
+    pool.set_centroids(torch.rand(pool.num_clusters, pool.dim, generator=g), alpha)
+    return pool
+
+
 # ---------------------------------------------------------------------------------------------
 # PCA whitening and the whole model
 # ---------------------------------------------------------------------------------------------
@@ -483,14 +502,18 @@ def centroids_path(config, split):
     return cache_dir() / f"{name}_K{config.num_clusters}_{digest}.pt"
 
 
-def make_model(config, train_split, device):
+def make_model(config, train_split, device, init="kmeans"):
     """VGG16-conv5 + NetVLAD, seeded, with k-means centroids (computed once, then cached).
 
     Args:
         train_split: the split to draw k-means descriptors from; None when the weights come
             from a checkpoint (no k-means, no centroid cache, no training data, and no
             pretrained encoder file needed).
+        init: "kmeans", or "random" for the same model with random centroids
+            (`random_netvlad`, seeded by `config.seed`): no k-means runs.
     """
+    if init not in ("kmeans", "random"):
+        raise ValueError(f"init must be 'kmeans' or 'random', got {init!r}")
     set_seed(config.seed)
     # Without a train split no pretrained file is read: the checkpoint holds every weight.
     weights = config.weights if train_split is not None else None
@@ -498,6 +521,9 @@ def make_model(config, train_split, device):
                         trainable=config.trainable)
     model.to(device)
     if train_split is None:
+        return model
+    if init == "random":
+        random_netvlad(model.pool, config.seed)
         return model
     init_netvlad(model, whole_dataset(train_split, config),
                  cache_path=centroids_path(config, train_split),

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
+from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from matplotlib.patches import Circle, FancyArrowPatch, FancyBboxPatch
 from matplotlib.ticker import MaxNLocator, NullFormatter
@@ -21,7 +22,16 @@ from scipy.spatial import cKDTree
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, DbStruct, load_split
+from .data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DbStruct,
+    NegativeSampler,
+    eval_positives,
+    load_image,
+    load_split,
+    train_positives,
+)
 from .utils import atomic_write
 
 FRAME_WIDTH = 4
@@ -324,12 +334,15 @@ def plot_soft_assignment(image, assignment, clusters=None):
     return fig
 
 
-def plot_descriptor_scatter(desc, labels, method="pca", seed=0):
-    """Descriptors projected to 2-D (PCA or t-SNE), one colour per place label.
+def plot_descriptor_scatter(desc, labels, method="pca", seed=0, title=None, label_name="place"):
+    """Descriptors projected to 2-D (PCA or t-SNE), one colour per label.
 
     Args:
-        desc: (N, D) descriptors; labels: (N,) place ids (e.g. the nearest query of each image).
+        desc: (N, D) descriptors; labels: (N,) ids of what the colours mean (e.g. a place).
         method: "pca" or "tsne"; seed: the projection's `random_state`.
+        title: first line of the title (e.g. "untrained"); label_name: what one label is,
+            written in the title ("colour = group of 4 neighbouring places"). The 20 colours
+            repeat beyond 20 labels, and the title says so.
     """
     desc, labels = _numpy(desc).astype(np.float32), _numpy(labels)
     names = {"pca": "PCA", "tsne": "t-SNE"}
@@ -345,9 +358,298 @@ def plot_descriptor_scatter(desc, labels, method="pca", seed=0):
     ax = fig.subplots()
     _, colour = np.unique(labels, return_inverse=True)  # `colour`: (N,) in 0..num_places-1
     ax.scatter(*xy.T, c=colour % 20, cmap="tab20", vmin=0, vmax=19, s=18)
-    ax.set(xticks=[], yticks=[], title=f"{names[method]} of {len(desc)} descriptors, "
-           f"{colour.max() + 1} places (colour = place)")
+    num_labels = colour.max() + 1
+    text = (f"{names[method]} of {len(desc)} descriptors, colour = {label_name} "
+            f"({num_labels} in all" + (", colours repeat)" if num_labels > 20 else ")"))
+    ax.set(xticks=[], yticks=[], title=text if title is None else f"{title}\n{text}")
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebooks 03, 05, 06: Markdown tables, the paired evidence that training helps
+# ---------------------------------------------------------------------------------------------
+
+class Markdown(str):
+    """A string that Jupyter shows as Markdown (like `IPython.display.Markdown`)."""
+
+    def _repr_markdown_(self):
+        return str(self)
+
+
+def markdown_table(header, rows, float_format=".1f"):
+    """A Markdown table: the `header` cells, then one line per row of `rows`.
+
+    Floats are written with `float_format`, other cells with `str`; a `|` inside a cell is
+    escaped. Make it the last expression of a cell to see the table.
+    """
+    def cell(x):
+        text = format(x, float_format) if isinstance(x, float) else str(x)
+        return text.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |",
+             "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
+    return Markdown("\n".join(lines))
+
+
+PAIRED_COLOURS = {"both": "0.85", "neither": "0.85", "fixed": "#a1d99b", "broken": "#fc9272"}
+
+
+def plot_paired_outcomes(outcomes, labels=("untrained", "trained")):
+    """The 2×2 tables of per-query outcomes before and after, one per `PairedOutcomes`.
+
+    Rows: correct or wrong before (`labels[0]`); columns: after (`labels[1]`). Green counts the
+    queries the change fixed, red those it broke; the grey diagonal did not change. The title
+    gives Recall@n before → after and McNemar's exact p-value of fixed against broken.
+
+    Args:
+        outcomes: `evaluate.PairedOutcomes`, e.g. at R@1 and R@5.
+    """
+    fig = NotebookFigure(figsize=(4.2 * len(outcomes), 4.1), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(outcomes)))
+    before, after = labels
+    for ax, out in zip(axes, outcomes):
+        table = out.table  # [[both, broken], [fixed, neither]]
+        names = [["both", "broken"], ["fixed", "neither"]]
+        ax.imshow([[to_rgba(PAIRED_COLOURS[name]) for name in row] for row in names])
+        for i in range(2):
+            for j in range(2):
+                ax.text(j, i, f"{names[i][j]}\n{table[i, j]}", ha="center", va="center",
+                        fontsize=12)
+        ax.set_xticks([0, 1], labels=[f"{after}\ncorrect", f"{after}\nwrong"])
+        ax.set_yticks([0, 1], labels=[f"{before}\ncorrect", f"{before}\nwrong"])
+        ax.tick_params(length=0)
+        ax.set_title(f"R@{out.n}: {100 * out.before.mean():.1f} → {100 * out.after.mean():.1f}%"
+                     f" of {len(out.before)} queries\n{len(out.fixed)} fixed, "
+                     f"{len(out.broken)} broken; McNemar exact p = {out.p_value:.3g}",
+                     fontsize=10)
+    return fig
+
+
+def plot_distance_histograms(before, after, margin=None, labels=("untrained", "trained"),
+                             bins=30):
+    """d_pos and d_neg of every query, before (left) and after (right).
+
+    Top: histograms of the distance to the nearest positive (green) and to the nearest
+    negative (red). Bottom: the gap d_neg − d_pos of each query; a query is correct at R@1
+    exactly when its gap is positive, and a triplet with gap ≥ `margin` adds no loss. Each
+    panel has its own scale (an untrained model's distances may be a hundred times smaller).
+
+    Args:
+        before, after: (d_pos (M,), d_neg (M,)) as `evaluate.positive_negative_distances`
+            returns them (non-finite values are left out).
+        margin: the loss margin in distance units (this course's loss: sqrt(config.margin)),
+            drawn where it falls inside the gaps' range. The loss uses training positives
+            (10 m), these gaps the evaluation positives (25 m): the line is a guide.
+    """
+    fig = NotebookFigure(figsize=(11, 7.4), layout="constrained")
+    axes = fig.subplots(2, 2)
+    for col, ((d_pos, d_neg), label) in enumerate(zip((before, after), labels)):
+        d_pos, d_neg = np.asarray(d_pos, dtype=float), np.asarray(d_neg, dtype=float)
+        dist_ax, gap_ax = axes[:, col]
+        both = np.concatenate([d_pos, d_neg])
+        edges = np.histogram_bin_edges(both[np.isfinite(both)], bins=bins)
+        dist_ax.hist(d_pos[np.isfinite(d_pos)], edges, color="tab:green", alpha=0.6,
+                     label="d_pos: nearest positive")
+        dist_ax.hist(d_neg[np.isfinite(d_neg)], edges, color="tab:red", alpha=0.6,
+                     label="d_neg: nearest negative")
+        dist_ax.set(xlabel="descriptor distance", ylabel="queries",
+                    title=f"{label}\nmedian d_pos {np.median(d_pos):.3g}, "
+                          f"median d_neg {np.median(d_neg):.3g}")
+        dist_ax.legend(fontsize=9)
+        gap = d_neg - d_pos
+        gap = gap[np.isfinite(gap)]
+        gap_ax.hist(gap, np.histogram_bin_edges(np.append(gap, 0.0), bins=bins),
+                    color="tab:blue", alpha=0.7)
+        gap_ax.axvline(0, color="black", lw=1.5, label="0: right of it, correct at R@1")
+        title = f"{label}\nd_neg − d_pos > 0: {100 * np.mean(gap > 0):.1f}% (= R@1)"
+        if margin:
+            title += f"; ≥ margin {margin:.3g}: {100 * np.mean(gap >= margin):.1f}%"
+            if margin <= gap.max():
+                gap_ax.axvline(margin, color="tab:orange", lw=1.5, ls="--", label="margin")
+        gap_ax.set(xlabel="d_neg − d_pos", ylabel="queries", title=title)
+        gap_ax.legend(fontsize=9)
+    return fig
+
+
+def split_image(split, i, query=False):
+    """Database image `i` of a `data.Split` (or query `i` with `query=True`), as a PIL image."""
+    db = split.db
+    path = (Path(split.root) / split.queries_dir / db.qImage[i] if query
+            else Path(split.root) / db.dbImage[i])
+    return load_image(path)
+
+
+def plot_retrievals_before_after(split, queries, pred_before, pred_after, positives,
+                                 dist_before=None, dist_after=None, k=5,
+                                 labels=("untrained", "trained")):
+    """The top-k of the same queries before and after: two rows per query.
+
+    Each row is query | top-k database images, framed green (a positive) or red (wrong).
+
+    Args:
+        split: the `data.Split` the predictions index (images are read from its files).
+        queries: query indices to show.
+        pred_before, pred_after: (M, >= k) database indices, nearest first.
+        positives: per query, its positive database indices (`data.eval_positives`).
+        dist_before, dist_after: optional (M, >= k) descriptor distances, shown in the titles.
+    """
+    images, titles, frames = [], [], []
+    for q in queries:
+        query_image = split_image(split, q, query=True)
+        for label, pred, dist in [(labels[0], pred_before, dist_before),
+                                  (labels[1], pred_after, dist_after)]:
+            images.append(query_image)
+            titles.append(f"query {q}\n{label}")
+            frames.append(None)
+            for j, i in enumerate(pred[q][:k]):
+                images.append(split_image(split, i))
+                titles.append(f"top-{j + 1}" + ("" if dist is None else f"\nd = {dist[q][j]:.3f}"))
+                frames.append("green" if np.isin(i, positives[q]) else "red")
+    return show_images(images, titles, frames, ncols=k + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebooks 01, 04, 06: exploring the queries (ipywidgets slider, static figure without it)
+# ---------------------------------------------------------------------------------------------
+
+def _draw_images(fig, images, titles, frames, ncols):
+    """`show_images` drawn into an existing figure or subfigure; a None image is a blank."""
+    nrows = -(-len(images) // ncols)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, img, title, frame in zip(axes, images, titles, frames):
+        if img is None:
+            ax.set_axis_off()
+            continue
+        ax.imshow(to_image(img))
+        ax.set(xticks=[], yticks=[])
+        for spine in ax.spines.values():
+            spine.set(visible=frame is not None, color=frame, linewidth=FRAME_WIDTH)
+        ax.set_title(title, fontsize=9)
+    for ax in axes[len(images):]:
+        ax.remove()
+
+
+def _window(xy, shown, least=40):
+    """A map half-width (m) that holds the database points `shown` (indices into `xy`)."""
+    return max(least, float(np.abs(xy[shown]).max()) + 10) if len(shown) else least
+
+
+def query_drawer(split, mine=None, predictions=None, distances=None, num_negatives=40,
+                 shown=5, seed=0, window=None):
+    """A function `draw(q)` -> Figure: query `q` on the map (left) and its images (right).
+
+    What is drawn depends on the stage:
+    - default (01): positives within 10 m and 25 m, a sample of `num_negatives` negatives
+      (`data.NegativeSampler`, seeded); images: the query, its nearest training positives and
+      sampled negatives, with their distance in metres.
+    - `mine` (04): a function q -> `mining.MinedTuple` (e.g. a `mine_tuple` call); the map
+      shows its sampled potential negatives, the chosen hard negatives and the best positive;
+      images: query | best positive | hard negatives, with descriptor distances.
+    - `predictions` (06): (M, >= `shown`) database indices, nearest first (and optional
+      `distances`); the map numbers the top-`shown`, green if within 25 m, red if not;
+      images: query | top-`shown`, framed green or red.
+
+    Args:
+        window: half-width of the map in metres (default: 60, or enough for all drawn points).
+    """
+    if mine is not None and predictions is not None:
+        raise ValueError("give either `mine` (stage 04) or `predictions` (stage 06), not both")
+    db = split.db
+    eval_pos, train_pos = eval_positives(db), train_positives(db)
+    sampler = NegativeSampler(db)
+
+    def draw(q):
+        xy = np.asarray(db.utmDb, dtype=float) - np.asarray(db.utmQ, dtype=float)[q]  # (N, 2)
+        metres = np.linalg.norm(xy, axis=1)  # (N,)
+        fig = NotebookFigure(figsize=(17, 6.4), layout="constrained")
+        map_fig, strip_fig = fig.subfigures(1, 2, width_ratios=(1, 1.9))
+        ax = map_fig.subplots()
+        cells = [(split_image(split, q, query=True), f"query {q}", None)]  # (image, title, frame)
+        if mine is not None:
+            t = mine(q)
+            drawn = np.concatenate([t.sampled, t.negatives, [t.positive]]).astype(int)
+            plot_query_map(db.utmDb, db.utmQ, q, eval_pos[q], train_pos[q], t.sampled,
+                           window=window or _window(xy, drawn), ax=ax)
+            ax.scatter(*xy[t.negatives].T, s=90, facecolors="none", edgecolors="darkred",
+                       linewidths=1.8, label="chosen hard negative")
+            ax.scatter(*xy[t.positive], s=90, c="lime", marker="D", edgecolors="black",
+                       label="best positive (nearest descriptor)")
+            ax.set_title(f"query {q}: {len(t.sampled)} sampled, {len(t.negatives)} chosen")
+            best = f"best positive\nd = {t.d_pos:.3f}, {metres[t.positive]:.0f} m"
+            cells.append((split_image(split, t.positive), best, "green"))
+            cells += [(split_image(split, i), f"hard negative\nd = {d:.3f}, {metres[i]:.0f} m",
+                       "red") for i, d in zip(t.negatives, t.d_negs)]
+        elif predictions is not None:
+            top = np.asarray(predictions[q][:shown], dtype=int)
+            correct = np.isin(top, eval_pos[q])
+            plot_query_map(db.utmDb, db.utmQ, q, eval_pos[q], train_pos[q],
+                           window=window or _window(xy, top), ax=ax)
+            ax.scatter(*xy[top].T, s=110, facecolors="none", linewidths=2,
+                       edgecolors=np.where(correct, "green", "red"), label="retrieved")
+            for rank, i in enumerate(top):
+                colour = "green" if correct[rank] else "red"
+                ax.annotate(str(rank + 1), xy[i], xytext=(5, 5), textcoords="offset points",
+                            fontsize=9, color=colour)
+                d = "" if distances is None else f"d = {distances[q][rank]:.3f}, "
+                cells.append((split_image(split, i), f"top-{rank + 1}\n{d}{metres[i]:.0f} m",
+                              colour))
+            ax.set_title(f"query {q}: top-{len(top)} retrieved, {correct.sum()} correct")
+        else:
+            negatives = sampler.sample(q, num_negatives, np.random.default_rng(seed))
+            plot_query_map(db.utmDb, db.utmQ, q, eval_pos[q], train_pos[q], negatives,
+                           window=window or 60, ax=ax)
+            positives = train_pos[q][:shown]
+            cells += [(split_image(split, i), f"training positive\n{metres[i]:.1f} m", "green")
+                      for i in positives]
+            cells += [(None, "", None)] * (shown - len(positives))  # negatives: second row
+            cells += [(split_image(split, i), f"negative\n{metres[i]:.0f} m", "red")
+                      for i in negatives[:shown + 1]]
+        _map_legend(ax)
+        _draw_images(strip_fig, *zip(*cells), ncols=shown + 1)
+        return fig
+
+    return draw
+
+
+def _widgets():
+    """The `ipywidgets` module when it is installed and this runs in a Jupyter kernel, else
+    None."""
+    try:
+        import ipywidgets
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    shell = get_ipython()
+    return ipywidgets if getattr(shell, "kernel", None) is not None else None
+
+
+def explore_queries(split, query=0, **options):
+    """Query `query`'s map and images, with a slider to choose another query.
+
+    The figure is shown as an ordinary output (a picture in the saved notebook, as on GitHub);
+    in a Jupyter kernel with ipywidgets, a query slider below it redraws that same output.
+    Without them (a script, a test, no ipywidgets) the figure is returned instead.
+
+    Args:
+        split: a `data.Split`; options: those of `query_drawer` (`mine` for stage 04,
+            `predictions` for stage 06).
+
+    Returns:
+        the slider (shown by Jupyter as the cell's value), or the Figure without a kernel.
+    """
+    draw = query_drawer(split, **options)
+    fig = draw(query)
+    widgets = _widgets()
+    if widgets is None:
+        return fig
+    from IPython.display import display
+
+    handle = display(fig, display_id=True)
+    slider = widgets.IntSlider(value=query, min=0, max=split.db.numQ - 1, description="query",
+                               continuous_update=False)
+    slider.observe(lambda change: handle.update(draw(change["new"])), names="value")
+    return slider
 
 
 # ---------------------------------------------------------------------------------------------
