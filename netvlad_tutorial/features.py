@@ -9,6 +9,7 @@ Two caches live here:
 """
 
 import copy
+import hashlib
 
 import numpy as np
 import torch
@@ -16,10 +17,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from . import distributed
-from .utils import Precision, resolve_precision
+from .utils import Precision, atomic_write, cache_dir, display_path, resolve_precision
 
 DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
 IN_MEMORY_LIMIT_MB = 2048  # `storage="auto"`: larger caches go to a disk-backed array
+STORED_LIMIT_MB = 256  # `stored_local_features` keeps arrays up to this size between runs
 
 
 def cache_memory_mb(n, dim, dtype=np.float16):
@@ -205,6 +207,62 @@ class FeatureDataset(Dataset):
 
     def __getitem__(self, i):
         return torch.from_numpy(np.asarray(self.features[i], dtype=np.float32)), i
+
+
+# --- Local features kept between runs -----------------------------------------------------------
+
+
+def features_key(encoder, dataset, precision):
+    """A digest of everything the local features depend on.
+
+    The encoder's weights, every image file (path, size, modification time), the transform,
+    the precision and memory format, and the torch version: any change gives a new key.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in encoder.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    for path in dataset.paths:
+        stat = path.stat()
+        h.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    h.update(f"{dataset.transform!r}|{precision.name}|{precision.channels_last}|"
+             f"{torch.__version__}".encode())
+    return h.hexdigest()
+
+
+def stored_local_features(encoder, dataset, batch_size=24, num_workers=0, device=None,
+                          precision=None, label="Encoding images once (frozen encoder)"):
+    """`compute_local_features` in memory, kept in `cache_dir()/features` for the next run.
+
+    A frozen encoder gives the same features in every run (the course's notebooks 04, 05 and
+    06 all encode the same splits with the same random encoder), so a small array
+    (up to `STORED_LIMIT_MB`) is written once, atomically, and read back by every later call
+    with the same `features_key`. Larger arrays are computed and not kept. Needs a dataset
+    with `paths` (`data.WholeDataset`); others are computed every time.
+    """
+    device = torch.device(device) if device is not None else _model_device(encoder)
+    precision = _as_precision(precision, device)
+    if not hasattr(dataset, "paths"):
+        return compute_local_features(encoder, dataset, batch_size, num_workers, device,
+                                      precision, "memory", None, label)
+    path = cache_dir() / "features" / f"{features_key(encoder, dataset, precision)}.npy"
+    if path.is_file():
+        try:
+            features = np.load(path)
+        except (OSError, ValueError) as err:
+            print(f"{display_path(path)} is unreadable ({err}): encoding again")
+        else:
+            if features.dtype == np.float16 and len(features) == len(dataset):
+                print(f"local features: {features.shape[0]:,} images x {features.shape[1:]} "
+                      f"float16, read from {display_path(path)}")
+                return features
+            print(f"{display_path(path)} holds {features.shape} {features.dtype}, not "
+                  f"{len(dataset)} images in float16: encoding again")
+    features = compute_local_features(encoder, dataset, batch_size, num_workers, device,
+                                      precision, "memory", None, label)
+    if features.nbytes <= STORED_LIMIT_MB * 2**20:
+        atomic_write(path, lambda f: np.save(f, features))
+    return features
 
 
 # ---------------------------------------------------------------------------------------------
