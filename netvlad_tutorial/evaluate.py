@@ -16,7 +16,7 @@ from scipy.stats import binomtest
 
 from .config import PRESETS, get_preset
 from .data import eval_positives, load_split, whole_dataset
-from .features import FeatureDataset, compute_descriptors
+from .features import FeatureDataset, compute_descriptors, stored_local_features
 from .model import (
     PCAWhitening,
     check_model_config,
@@ -299,9 +299,17 @@ def split_descriptors(model, split, config, device, features=None,
     """(db_desc, q_desc) of a split: one cache pass over database then queries.
 
     With `features`, the split's cached local features (`FeatureCache`), only the NetVLAD layer
-    (and PCA) runs: the same descriptors as from the images, without the encoder.
+    (and PCA) runs: the same descriptors as from the images, without the encoder. A frozen
+    encoder's features of a small split are also kept between runs
+    (`features.stored_local_features`), so a second pass over the same images skips VGG16.
     """
     precision = resolve_precision(config.precision, device)
+    if features is None and model.encoder_frozen:
+        features = stored_local_features(model.encoder, whole_dataset(split, config),
+                                         batch_size=config.cache_batch_size,
+                                         num_workers=config.num_workers, device=device,
+                                         precision=precision,
+                                         label=f"{label}: encoding images once")
     if features is not None:
         net, dataset = model.head, FeatureDataset(features)
     else:

@@ -237,14 +237,20 @@ def stored_local_features(encoder, dataset, batch_size=24, num_workers=0, device
     A frozen encoder gives the same features in every run (the course's notebooks 04, 05 and
     06 all encode the same splits with the same random encoder), so a small array
     (up to `STORED_LIMIT_MB`) is written once, atomically, and read back by every later call
-    with the same `features_key`. Larger arrays are computed and not kept. Needs a dataset
-    with `paths` (`data.WholeDataset`); others are computed every time.
+    with the same `features_key`.
+
+    Returns:
+        the (N, D, h, w) float16 array, or None when it would be larger than
+        `STORED_LIMIT_MB` (real-scale splits: use `compute_local_features` with disk storage,
+        or the images) or `dataset` has no `paths` (only a `data.WholeDataset` is keyed).
     """
     device = torch.device(device) if device is not None else _model_device(encoder)
     precision = _as_precision(precision, device)
-    if not hasattr(dataset, "paths"):
-        return compute_local_features(encoder, dataset, batch_size, num_workers, device,
-                                      precision, "memory", None, label)
+    if not hasattr(dataset, "paths") or not len(dataset):
+        return None
+    image, _ = dataset[0]  # `image`: (3, H, W)
+    if cache_memory_mb(len(dataset), _meta_shape(encoder, image.shape)) > STORED_LIMIT_MB:
+        return None
     path = cache_dir() / "features" / f"{features_key(encoder, dataset, precision)}.npy"
     if path.is_file():
         try:
@@ -260,8 +266,7 @@ def stored_local_features(encoder, dataset, batch_size=24, num_workers=0, device
                   f"{len(dataset)} images in float16: encoding again")
     features = compute_local_features(encoder, dataset, batch_size, num_workers, device,
                                       precision, "memory", None, label)
-    if features.nbytes <= STORED_LIMIT_MB * 2**20:
-        atomic_write(path, lambda f: np.save(f, features))
+    atomic_write(path, lambda f: np.save(f, features))
     return features
 
 

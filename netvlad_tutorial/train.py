@@ -38,6 +38,7 @@ from .features import (
     cache_memory_mb,
     compute_descriptors,
     compute_local_features,
+    stored_local_features,
 )
 from .mining import (
     MiningState,
@@ -170,10 +171,15 @@ def make_feature_cache(model, train_split, val_split, config, device, work_dir=N
         storage = config.cache_storage
         if storage != "memory" and path is None:
             storage = "memory"
-        arrays[name] = compute_local_features(
-            model.encoder, whole_dataset(split, config), batch_size=config.cache_batch_size,
-            num_workers=config.num_workers, device=device, precision=precision,
-            storage=storage, out_path=path, label=f"Encoding {name} images once (frozen encoder)")
+        dataset, label = whole_dataset(split, config), f"Encoding {name} images once"
+        arrays[name] = None if storage == "disk" else stored_local_features(
+            model.encoder, dataset, batch_size=config.cache_batch_size,
+            num_workers=config.num_workers, device=device, precision=precision, label=label)
+        if arrays[name] is None:  # large, or disk asked for: this run's own array
+            arrays[name] = compute_local_features(
+                model.encoder, dataset, batch_size=config.cache_batch_size,
+                num_workers=config.num_workers, device=device, precision=precision,
+                storage=storage, out_path=path, label=label)
     return FeatureCache(**arrays)
 
 

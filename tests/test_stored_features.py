@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from netvlad_tutorial import data
+from netvlad_tutorial import data, evaluate, model
 from netvlad_tutorial import features as ft
 from netvlad_tutorial.config import PRESETS
 from netvlad_tutorial.model import build_model
@@ -76,5 +76,34 @@ def test_unreadable_or_wrong_file_is_encoded_again(store, encoder_and_dataset, c
 def test_large_arrays_are_not_kept(store, encoder_and_dataset, monkeypatch):
     encoder, dataset = encoder_and_dataset
     monkeypatch.setattr(ft, "STORED_LIMIT_MB", 0.01)
-    ft.stored_local_features(encoder, dataset, batch_size=16, precision="fp32")
+    assert ft.stored_local_features(encoder, dataset, batch_size=16, precision="fp32") is None
     assert not store.exists() or not list(store.glob("*.npy"))
+
+
+def test_split_descriptors_of_a_frozen_model_read_the_stored_features(store, micro_city,
+                                                                      monkeypatch):
+    config = PRESETS["tiny"].replace(
+        data_root=str(micro_city), image_size=(32, 48), num_clusters=4, kmeans_images=20,
+        kmeans_per_image=4, kmeans_iters=10, precision="fp32", device="cpu")
+    split = data.load_split(micro_city, "val")
+    net = model.make_model(config, data.load_split(micro_city, "train"), torch.device("cpu"))
+    assert net.encoder_frozen
+    first = evaluate.split_descriptors(net, split, config, torch.device("cpu"))
+    run_inference = ft.run_inference
+    monkeypatch.setattr(ft, "run_inference", _only_the_head(run_inference))
+    again = evaluate.split_descriptors(net, split, config, torch.device("cpu"))
+    monkeypatch.setattr(ft, "run_inference", run_inference)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    # The images' path, for comparison: float16 features round what NetVLAD sees, no more.
+    monkeypatch.setattr(evaluate, "stored_local_features", lambda *a, **k: None)
+    plain = evaluate.split_descriptors(net, split, config, torch.device("cpu"))
+    for a, b in zip(first, plain):
+        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-3)
+
+
+def _only_the_head(run_inference):
+    """`run_inference` that fails when given the encoder (images), not the NetVLAD head."""
+    def run(net, dataset, *args, **kwargs):
+        assert isinstance(dataset, ft.FeatureDataset), "the encoder ran again"
+        return run_inference(net, dataset, *args, **kwargs)
+    return run
