@@ -1,4 +1,5 @@
-"""The blocked `mining.row_distances` gives exactly the results of the code it replaced."""
+"""The blocked `mining.row_distances` gives exactly the results of the code it replaced, and
+allocates nothing but its result (its buffers are reused across calls)."""
 
 import numpy as np
 import pytest
@@ -104,3 +105,34 @@ def test_mine_triplets_restores_thread_count():
                                     n_neg_sample=37, n_neg=4, num_threads=1)
     assert torch.get_num_threads() == before
     assert len(tuples) + skipped == 2
+
+
+@pytest.mark.parametrize("q_kind", ["float16", "float64", "tensor16", "memmap_row"])
+def test_row_distances_query_forms(q_kind, tmp_path):
+    db, q = _hand_built(np.float16, tmp_path)  # a read-only memmap database
+    expected = torch.linalg.vector_norm(_float32(db[:], "cpu") - _float32(q[1], "cpu"), dim=1)
+    row = {"float16": q[1], "float64": q[1].astype(np.float64),
+           "tensor16": torch.from_numpy(q[1].copy()), "memmap_row": db[1]}[q_kind]
+    if q_kind == "memmap_row":
+        expected = torch.linalg.vector_norm(_float32(db[:], "cpu") - _float32(db[1], "cpu"), dim=1)
+    assert torch.equal(row_distances(db, np.arange(50), row), expected)
+    assert row_distances(db, np.empty(0, np.int64), row).shape == (0,)
+
+
+def test_row_distances_reuses_its_buffers_and_allocates_only_the_result():
+    """No allocation per block or per call beyond the (n,) result: what kept the heap flat."""
+    from torch.profiler import ProfilerActivity, profile
+
+    db, q = _hand_built(np.float16)
+    idx = np.r_[0:50, 7]
+    with torch_threads(1):
+        first = row_distances(db, idx, q[0])  # allocates the workspace once
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            again = row_distances(db, idx, q[0])
+    allocated = sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
+    assert torch.equal(first, again)
+    assert allocated <= 4 * len(idx) + 1024  # the float32 result (and a few index bytes)
+    wider = np.ones((3, 600), np.float16)  # a larger dimension: the buffers grow, still exact
+    assert torch.allclose(row_distances(wider, np.array([0, 2]), np.zeros(600, np.float16)),
+                          torch.full((2,), 600 ** 0.5))
+    assert torch.equal(row_distances(db, idx, q[0]), first)
