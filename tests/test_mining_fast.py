@@ -136,3 +136,36 @@ def test_row_distances_reuses_its_buffers_and_allocates_only_the_result():
     assert torch.allclose(row_distances(wider, np.array([0, 2]), np.zeros(600, np.float16)),
                           torch.full((2,), 600 ** 0.5))
     assert torch.equal(row_distances(db, idx, q[0]), first)
+
+
+def test_mining_agrees_with_a_float64_brute_force():
+    """Distances within 1e-6 (relative) of float64 arithmetic, and the same tuples as float64
+    ranking gives when no near-tie could reorder them: among the 51 nearest candidates no two
+    distances, and none and the margin threshold, are closer than 4e-6 (checked)."""
+    rng = np.random.default_rng(3)
+
+    def unit(x):
+        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float16)
+
+    u = rng.normal(size=2048)  # rows around a common direction, the positives closest
+    weight = np.r_[np.full(4, 1.6), rng.uniform(0, 1.4, 296)][:, None]  # positives: closest
+    db = unit(weight * u / 45 + rng.normal(size=(300, 2048)) / 45)
+    q = unit(1.6 * u / 45 + rng.normal(size=(4, 2048)) / 45)
+    exact = np.linalg.norm(db.astype(np.float64)[None] - q.astype(np.float64)[:, None], axis=2)
+    positives = [np.arange(4)] * 4
+    sampler = _FixedSampler(np.r_[4:300])
+    for query in range(4):
+        got = row_distances(db, np.arange(300), q[query]).numpy()
+        np.testing.assert_allclose(got, exact[query], rtol=1e-6)
+        d = exact[query]
+        best = int(np.argmin(d[:4]))
+        nearest = np.sort(d[4:])[:51]
+        assert np.diff(nearest).min() > 4e-6  # no near-ties: rounding cannot change the tuple
+        assert np.abs(nearest - (d[best] + 0.1 ** 0.5)).min() > 4e-6
+        t = mine_tuple(query, q[query], db, positives[query], sampler, None, None,
+                       n_neg_sample=296, n_neg_dist=50, n_neg=10, margin=0.1)
+        near = 4 + np.argsort(d[4:])[:50]
+        expected = near[d[near] < d[best] + 0.1 ** 0.5][:10]
+        assert t.positive == best and len(expected) > 0
+        np.testing.assert_array_equal(t.negatives, expected)
+        np.testing.assert_allclose(t.d_negs, d[expected], rtol=1e-6)
