@@ -243,6 +243,11 @@ ROWS = [  # (label, task, key, format)
 ]
 
 
+def _load(loadavg):
+    """A load average triple as text."""
+    return "/".join(f"{x:.1f}" for x in loadavg)
+
+
 def format_table(result):
     """The figures of every variant side by side (Markdown)."""
     names = list(result["variants"])
@@ -291,18 +296,24 @@ def main(argv=None):
               "scale": args.scale, "dim": DIM, "torch": torch.__version__,
               "numpy": np.__version__, "torch_default_threads": torch.get_num_threads(),
               "mine_queries_old": args.mine_queries_old, "eval_queries": args.eval_queries,
+              "cpu_count": os.cpu_count(), "load_before": os.getloadavg(),
+              "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
               "variants": {}}
     for name in args.variants.split(","):
         for task in args.tasks.split(","):
             spec = {"task": task, "variant": name, "scale": args.scale,
                     "workdir": args.workdir, "mine_queries_old": args.mine_queries_old,
                     "eval_queries": args.eval_queries}
-            t0 = time.perf_counter()
+            t0, load_before = time.perf_counter(), os.getloadavg()
             r = run_isolated(spec)
             r["wall_s"] = time.perf_counter() - t0
+            r["load_before"], r["load_after"] = load_before, os.getloadavg()
             result["variants"].setdefault(name, {})[task] = r
             print(f"{name} {task}: " + (r["error"] if "error" in r else
-                                         f"done in {r['wall_s']:.0f} s"), file=sys.stderr)
+                                         f"done in {r['wall_s']:.0f} s, load "
+                                         f"{_load(r['load_before'])} -> "
+                                         f"{_load(r['load_after'])}"), file=sys.stderr)
+    result["load_after"] = os.getloadavg()
     if args.scale == 1.0:
         result["targets_met"] = check_targets(result)
     if args.save:
@@ -314,7 +325,9 @@ def main(argv=None):
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{result['cpu']}, scale {args.scale}, {DIM:,}-D descriptors")
+        print(f"{result['cpu']}, scale {args.scale}, {DIM:,}-D descriptors; load average "
+              f"(1, 5, 15 min) {_load(result['load_before'])} before, "
+              f"{_load(result['load_after'])} after")
         print(format_table(result))
         if "targets_met" in result:
             print(f"targets (peak RSS <= {TARGETS['peak_rss_gib']} GiB, mining <= "

@@ -13,6 +13,7 @@ distances. Mining and `triplet_loss` compare plain distances, so both use `sqrt(
 
 import contextlib
 import math
+import threading
 import warnings
 from collections import namedtuple
 from dataclasses import dataclass
@@ -113,13 +114,39 @@ def _cpu_view(x):
         return torch.from_numpy(x)
 
 
+class _Workspace(threading.local):
+    """The buffers of `row_distances`, kept across calls (one set per thread).
+
+    Mining calls `row_distances` once per query; buffers allocated per call (or per block, as
+    a mixed float16/float32 `torch.sub` does internally) made glibc's heap grow by gigabytes
+    over a Pitts250k epoch (`benchmarks/scale.py`). These are allocated once and grown only
+    when a larger block or dimension comes: 3.1 MiB at 32,768-D.
+    """
+
+    def __init__(self):
+        self.buffers = {}
+
+    def get(self, name, shape, dtype):
+        """A tensor of at least `shape` (its leading slice is returned), reused across calls."""
+        buf = self.buffers.get((name, dtype))
+        if buf is None or buf.shape[0] < shape[0] or buf.shape[1:] != shape[1:]:
+            buf = self.buffers[(name, dtype)] = torch.empty(shape, dtype=dtype)
+        return buf[:shape[0]]
+
+
+_WORKSPACE = _Workspace()
+
+
 def row_distances(db_desc, indices, q_row, device=None, block=BLOCK_ROWS):
     """Euclidean distances (float32) from `q_row` to the database rows `indices`.
 
-    The same values as `vector_norm(float32(db_desc[indices]) - float32(q_row), dim=1)`, but on
-    the CPU the rows are gathered, converted and reduced `block` rows at a time into reused
-    buffers (3 MB at 32,768-D): the ~1,100 gathered rows (72 MB in float16, 144 MB in float32)
-    are never materialized at once, and each block fits in the CPU cache.
+    The same values, bit for bit, as
+    `vector_norm(float32(db_desc[indices]) - float32(q_row), dim=1)`, but on the CPU the rows
+    are gathered, converted and reduced `block` rows at a time in buffers that are allocated
+    once and reused by every later call (`_Workspace`): the ~1,100 gathered rows of a query
+    (72 MB in float16, 144 MB in float32) are never materialized at once, each block stays in
+    the CPU cache, and no step allocates memory (which, once per query or per block, grew the
+    heap by gigabytes over an epoch). Only the (n,) result is new.
 
     Args:
         db_desc: (numDb, D) descriptors: numpy array, memmap or tensor.
@@ -132,16 +159,24 @@ def row_distances(db_desc, indices, q_row, device=None, block=BLOCK_ROWS):
     if db is None:
         rows = _float32(db_desc[indices], device)  # (n, D)
         return torch.linalg.vector_norm(rows - _float32(q_row, device), dim=1)  # (n,)
-    q = _float32(q_row, device)  # (D,)
     idx = torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64))  # (n,)
     out = torch.empty(len(idx))  # (n,)
-    gathered = torch.empty(min(block, len(idx)), db.shape[1], dtype=db.dtype)  # (block, D)
-    diff = torch.empty(gathered.shape)  # (block, D) float32
+    if len(idx) == 0:
+        return out
+    dim, rows_n = db.shape[1], min(block, len(idx))
+    q = _WORKSPACE.get("query", (1, dim), torch.float32)[0]  # (D,)
+    q_src = _cpu_view(np.asarray(q_row)[None]) if not torch.is_tensor(q_row) else None
+    q.copy_(q_src[0] if q_src is not None else torch.as_tensor(q_row))  # exact in float32
+    diff = _WORKSPACE.get("diff", (rows_n, dim), torch.float32)  # (block, D) float32
+    gathered = (diff if db.dtype == torch.float32 else
+                _WORKSPACE.get("gathered", (rows_n, dim), db.dtype))  # (block, D)
     for start in range(0, len(idx), block):
         part = idx[start:start + block]
         n = len(part)
         torch.index_select(db, 0, part, out=gathered[:n])
-        torch.sub(gathered[:n], q, out=diff[:n])  # float16 rows promoted exactly to float32
+        if gathered is not diff:
+            diff[:n].copy_(gathered[:n])  # float16 -> float32: exact
+        diff[:n].sub_(q)  # same-dtype, in place: no temporary (a mixed-dtype sub makes one)
         torch.linalg.vector_norm(diff[:n], dim=1, out=out[start:start + n])
     return out
 

@@ -1,4 +1,5 @@
-"""The blocked `mining.row_distances` gives exactly the results of the code it replaced."""
+"""The blocked `mining.row_distances` gives exactly the results of the code it replaced, and
+allocates nothing but its result (its buffers are reused across calls)."""
 
 import numpy as np
 import pytest
@@ -104,3 +105,67 @@ def test_mine_triplets_restores_thread_count():
                                     n_neg_sample=37, n_neg=4, num_threads=1)
     assert torch.get_num_threads() == before
     assert len(tuples) + skipped == 2
+
+
+@pytest.mark.parametrize("q_kind", ["float16", "float64", "tensor16", "memmap_row"])
+def test_row_distances_query_forms(q_kind, tmp_path):
+    db, q = _hand_built(np.float16, tmp_path)  # a read-only memmap database
+    expected = torch.linalg.vector_norm(_float32(db[:], "cpu") - _float32(q[1], "cpu"), dim=1)
+    row = {"float16": q[1], "float64": q[1].astype(np.float64),
+           "tensor16": torch.from_numpy(q[1].copy()), "memmap_row": db[1]}[q_kind]
+    if q_kind == "memmap_row":
+        expected = torch.linalg.vector_norm(_float32(db[:], "cpu") - _float32(db[1], "cpu"), dim=1)
+    assert torch.equal(row_distances(db, np.arange(50), row), expected)
+    assert row_distances(db, np.empty(0, np.int64), row).shape == (0,)
+
+
+def test_row_distances_reuses_its_buffers_and_allocates_only_the_result():
+    """No allocation per block or per call beyond the (n,) result: what kept the heap flat."""
+    from torch.profiler import ProfilerActivity, profile
+
+    db, q = _hand_built(np.float16)
+    idx = np.r_[0:50, 7]
+    with torch_threads(1):
+        first = row_distances(db, idx, q[0])  # allocates the workspace once
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            again = row_distances(db, idx, q[0])
+    allocated = sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
+    assert torch.equal(first, again)
+    assert allocated <= 4 * len(idx) + 1024  # the float32 result (and a few index bytes)
+    wider = np.ones((3, 600), np.float16)  # a larger dimension: the buffers grow, still exact
+    assert torch.allclose(row_distances(wider, np.array([0, 2]), np.zeros(600, np.float16)),
+                          torch.full((2,), 600 ** 0.5))
+    assert torch.equal(row_distances(db, idx, q[0]), first)
+
+
+def test_mining_agrees_with_a_float64_brute_force():
+    """Distances within 1e-6 (relative) of float64 arithmetic, and the same tuples as float64
+    ranking gives when no near-tie could reorder them: among the 51 nearest candidates no two
+    distances, and none and the margin threshold, are closer than 4e-6 (checked)."""
+    rng = np.random.default_rng(3)
+
+    def unit(x):
+        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float16)
+
+    u = rng.normal(size=2048)  # rows around a common direction, the positives closest
+    weight = np.r_[np.full(4, 1.6), rng.uniform(0, 1.4, 296)][:, None]  # positives: closest
+    db = unit(weight * u / 45 + rng.normal(size=(300, 2048)) / 45)
+    q = unit(1.6 * u / 45 + rng.normal(size=(4, 2048)) / 45)
+    exact = np.linalg.norm(db.astype(np.float64)[None] - q.astype(np.float64)[:, None], axis=2)
+    positives = [np.arange(4)] * 4
+    sampler = _FixedSampler(np.r_[4:300])
+    for query in range(4):
+        got = row_distances(db, np.arange(300), q[query]).numpy()
+        np.testing.assert_allclose(got, exact[query], rtol=1e-6)
+        d = exact[query]
+        best = int(np.argmin(d[:4]))
+        nearest = np.sort(d[4:])[:51]
+        assert np.diff(nearest).min() > 4e-6  # no near-ties: rounding cannot change the tuple
+        assert np.abs(nearest - (d[best] + 0.1 ** 0.5)).min() > 4e-6
+        t = mine_tuple(query, q[query], db, positives[query], sampler, None, None,
+                       n_neg_sample=296, n_neg_dist=50, n_neg=10, margin=0.1)
+        near = 4 + np.argsort(d[4:])[:50]
+        expected = near[d[near] < d[best] + 0.1 ** 0.5][:10]
+        assert t.positive == best and len(expected) > 0
+        np.testing.assert_array_equal(t.negatives, expected)
+        np.testing.assert_allclose(t.d_negs, d[expected], rtol=1e-6)
