@@ -159,25 +159,25 @@ def plot_seed_pitfall(utm_db, utm_q, query_index, negatives=None, radii=(10, 25)
     return fig
 
 
-def plot_memory_comparison(labels, megabytes):
-    """Horizontal bars of memory use in MB (log scale), each labelled with its size."""
-    megabytes = np.asarray(megabytes, dtype=float)
+def plot_memory_comparison(labels, mebibytes):
+    """Horizontal bars of memory use in MiB (log scale), each labelled with its size."""
+    mebibytes = np.asarray(mebibytes, dtype=float)
     fig = NotebookFigure(figsize=(7, 0.6 * len(labels) + 1.2), layout="constrained")
     ax = fig.subplots()
-    bars = ax.barh(labels, megabytes, color="tab:blue")
-    ax.bar_label(bars, labels=[_format_mb(mb) for mb in megabytes], padding=4)
+    bars = ax.barh(labels, mebibytes, color="tab:blue")
+    ax.bar_label(bars, labels=[_format_mib(mib) for mib in mebibytes], padding=4)
     ax.set_xscale("log")
-    ax.set_xlim(megabytes.min() / 3, megabytes.max() * 8)
+    ax.set_xlim(mebibytes.min() / 3, mebibytes.max() * 8)
     ax.invert_yaxis()
-    ax.set(xlabel="memory (MB, log scale)")
+    ax.set(xlabel="memory (MiB, log scale)")
     return fig
 
 
-def _format_mb(mb):
-    """`mb` megabytes as a short string: 5.5 GB, 12.3 MB, 640 KB."""
-    if mb >= 1000:
-        return f"{mb / 1000:.1f} GB"
-    return f"{mb:.1f} MB" if mb >= 1 else f"{mb * 1000:.0f} KB"
+def _format_mib(mib):
+    """`mib` mebibytes as a short string in binary units: 5.3 GiB, 12.3 MiB, 640 KiB."""
+    if mib >= 1024:
+        return f"{mib / 1024:.1f} GiB"
+    return f"{mib:.1f} MiB" if mib >= 1 else f"{mib * 1024:.0f} KiB"
 
 
 # ---------------------------------------------------------------------------------------------

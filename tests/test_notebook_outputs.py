@@ -51,6 +51,20 @@ def test_stored_outputs_are_clean(path):
     assert not problems, "\n".join(problems)
 
 
+# The query slider of `viz.explore_queries` (an IntSlider with its layout and style): what
+# Jupyter stores for it is plain settings, and GitHub shows the figure stored above it.
+HARMLESS_WIDGETS = {"IntSliderModel", "LayoutModel", "SliderStyleModel", "DescriptionStyleModel"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_stored_widget_state_is_harmless(path):
+    widgets = json.loads(path.read_text(encoding="utf-8"))["metadata"].get("widgets", {})
+    state = widgets.get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
+    models = {m.get("model_name") for m in state.values()}
+    assert models <= HARMLESS_WIDGETS, f"unexpected stored widgets: {models - HARMLESS_WIDGETS}"
+    assert not _machine_paths().search(json.dumps(widgets)), "machine path in the widget state"
+
+
 def test_squash_progress_keeps_what_a_terminal_shows():
     import nbformat
 

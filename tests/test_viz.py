@@ -223,11 +223,11 @@ def test_plot_descriptor_scatter_tsne_is_seeded():
 
 
 def test_plot_memory_comparison_bars():
-    fig = viz.plot_memory_comparison(["lists", "sampler"], [5500.0, 0.73])
+    fig = viz.plot_memory_comparison(["lists", "sampler"], [5460.0, 0.73])
     ax = fig.axes[0]
-    assert [bar.get_width() for bar in ax.patches] == [5500.0, 0.73]
-    assert [t.get_text() for t in ax.texts] == ["5.5 GB", "730 KB"]
-    assert viz._format_mb(12.34) == "12.3 MB"
+    assert [bar.get_width() for bar in ax.patches] == [5460.0, 0.73]
+    assert [t.get_text() for t in ax.texts] == ["5.3 GiB", "748 KiB"]
+    assert viz._format_mib(12.34) == "12.3 MiB"
 
 
 def test_vgg16_shapes_match_a_real_forward_pass():
