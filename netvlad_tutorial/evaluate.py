@@ -295,16 +295,17 @@ def dedup_panorama(pred_idx, db_image_names):
 
 
 def split_descriptors(model, split, config, device, features=None,
-                      label="Caching descriptors"):
+                      label="Caching descriptors", stored=True):
     """(db_desc, q_desc) of a split: one cache pass over database then queries.
 
     With `features`, the split's cached local features (`FeatureCache`), only the NetVLAD layer
     (and PCA) runs: the same descriptors as from the images, without the encoder. A frozen
     encoder's features of a small split are also kept between runs
-    (`features.stored_local_features`), so a second pass over the same images skips VGG16.
+    (`features.stored_local_features`), so a second pass over the same images skips VGG16;
+    `stored=False` always encodes the images (the exact numbers `evaluate_checkpoint` reports).
     """
     precision = resolve_precision(config.precision, device)
-    if features is None and model.encoder_frozen:
+    if features is None and stored and model.encoder_frozen:
         features = stored_local_features(model.encoder, whole_dataset(split, config),
                                          batch_size=config.cache_batch_size,
                                          num_workers=config.num_workers, device=device,
@@ -320,9 +321,10 @@ def split_descriptors(model, split, config, device, features=None,
     return desc_all[: split.db.numDb], desc_all[split.db.numDb:]
 
 
-def evaluate_split(model, split, config, device, n_values=RECALL_VALUES, features=None):
+def evaluate_split(model, split, config, device, n_values=RECALL_VALUES, features=None,
+                   stored=True):
     """Recall@N on a split (evaluation positives: within posDistThr, 25 m)."""
-    db_desc, q_desc = split_descriptors(model, split, config, device, features,
+    db_desc, q_desc = split_descriptors(model, split, config, device, features, stored=stored,
                                         label=f"Evaluating ({split.db.whichSet})")
     return recall_at_n(q_desc, db_desc, eval_positives(split.db), n_values=n_values)
 
@@ -383,7 +385,7 @@ def evaluate_checkpoint(data_root, split="test", checkpoint=None, untrained=Fals
     if pca:
         model.pca = load_or_fit_pca(model, config, train_split, device, pca_dim, checkpoint,
                                     save=save_pca, ckpt=ckpt)
-    recalls = evaluate_split(model, eval_split, config, device)
+    recalls = evaluate_split(model, eval_split, config, device, stored=False)
     result = {f"recall@{n}": float(r) for n, r in recalls.items()}
     result.update(split=split, dim=int(model.out_dim), num_queries=int(eval_split.db.numQ),
                   model="untrained" if untrained and checkpoint is None else str(checkpoint))
@@ -435,7 +437,7 @@ def _evaluate_released(checkpoint, contents, data_root, split, name, device, pre
             raise ValueError(f"{checkpoint} already holds its PCA whitening (WPCA to "
                              f"{info['pca_dim']}-D): evaluate it without --pca")
         model.pca = load_or_fit_pca(model, config, None, device, pca_dim)
-    recalls = evaluate_split(model, eval_split, config, device)
+    recalls = evaluate_split(model, eval_split, config, device, stored=False)
     result = {f"recall@{n}": float(r) for n, r in recalls.items()}
     result.update(split=split, dim=int(model.out_dim), num_queries=int(eval_split.db.numQ),
                   model=str(checkpoint), format=info["format"])

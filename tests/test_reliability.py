@@ -75,7 +75,7 @@ def _fault_config(city):
     # R@1, so a stale best.pth is visible.
     return _micro_config(city).replace(image_size=(16, 24), cache_refresh=1000, max_queries=4,
                                        n_neg_sample=10, n_neg_dist=5, epochs=2,
-                                       trainable="all", lr=1e-3)
+                                       trainable="all", lr=1e-3, batch_size=4)
 
 
 # A fork server that has imported torch once: each run is a fork of it, not a new interpreter
