@@ -13,9 +13,14 @@ Variants, each task in its own subprocess (its peak RSS is its own):
 
 - `float32-ram`: today's path, a float32 cache in RAM and the previous mining code (the
   unblocked gather, with torch's default threads);
-- `float16-ram`: float16 in RAM and the current mining code;
-- `float16-disk`: float16 in a disk-backed `np.lib.format.open_memmap` .npy file (reopened
-  read-only, as a training run would), the current mining code.
+- `float16-ram-1worker`: float16 in RAM and the current mining code, one query at a time;
+- `float16-ram`: float16 in RAM and the current mining code, with its default threads across
+  queries (`mining.mining_workers()`: the usable cores);
+- `float16-ram-shared`, `float16-disk-shared`: the same with `negative_pool="shared"` (a group
+  of 32 queries draws one pool of potential negatives, whose rows are read once for the group),
+  in RAM, and in a disk-backed `np.lib.format.open_memmap` .npy file (reopened read-only, as a
+  training run would);
+- `float16-disk`: the disk-backed file with the reference draws (`negative_pool="query"`).
 
     python benchmarks/scale.py                # full scale: about 13 GB of RAM for float32-ram
     python benchmarks/scale.py --scale 0.02   # a quick check
@@ -53,10 +58,13 @@ from netvlad_tutorial.synthetic import pitts_like_struct  # noqa: E402
 
 DIM = 64 * 512
 PITTS250K_TEST = (83_952, 8_280)
-VARIANTS = {  # name: (dtype, on disk, previous mining code)
-    "float32-ram": (np.float32, False, True),
-    "float16-ram": (np.float16, False, False),
-    "float16-disk": (np.float16, True, False),
+VARIANTS = {  # name: (dtype, on disk, previous mining code, threads across queries, pool)
+    "float32-ram": (np.float32, False, True, 1, "query"),
+    "float16-ram-1worker": (np.float16, False, False, 1, "query"),
+    "float16-ram": (np.float16, False, False, None, "query"),
+    "float16-ram-shared": (np.float16, False, False, None, "shared"),
+    "float16-disk-shared": (np.float16, True, False, None, "shared"),
+    "float16-disk": (np.float16, True, False, None, "query"),
 }
 TARGETS = {"peak_rss_gib": 8.0, "mine_s": 120.0}  # for float16 at full Pitts250k-train scale
 GIB = 2 ** 30
@@ -133,7 +141,8 @@ def _previous_row_distances(db_desc, indices, q_row, device=None, block=None):
 
 def run_train(variant, scale, workdir, mine_queries_old, seed=0):
     """Fill the Pitts250k-train cache, then mine its queries; figures of one variant."""
-    dtype, disk, previous = VARIANTS[variant]
+    dtype, disk, previous, workers, pool = VARIANTS[variant]
+    workers = workers or mining.mining_workers()
     watch = MemoryWatch()
     db = pitts_like_struct(scale=scale, seed=seed)
     positives = train_positives(db)
@@ -152,11 +161,13 @@ def run_train(variant, scale, workdir, mine_queries_old, seed=0):
     t0 = time.perf_counter()
     tuples, skipped = mining.mine_triplets(mined, q_desc, db_desc, positives, sampler,
                                            np.random.default_rng(seed),
-                                           mining.NegativeCache(db.numQ, 10), num_threads=threads)
+                                           mining.NegativeCache(db.numQ, 10), num_threads=threads,
+                                           workers=workers, negative_pool=pool)
     mine_s = time.perf_counter() - t0
     out = {"task": "train", "variant": variant, "num_db": db.numDb, "num_q": db.numQ,
            "dim": DIM, "dtype": np.dtype(dtype).name, "storage": "disk" if disk else "ram",
-           "mining_code": "previous" if previous else "current",
+           "mining_code": "previous" if previous else "current", "mining_workers": workers,
+           "negative_pool": pool,
            "cache_gib": cache.nbytes / GIB, "fill_s": fill_s, "random_rows_s": make_s,
            "mined_queries": len(mined), "mine_s_measured": mine_s,
            "mine_ms_per_query": 1000 * mine_s / len(mined),
@@ -170,7 +181,7 @@ def run_train(variant, scale, workdir, mine_queries_old, seed=0):
 
 def run_eval(variant, scale, workdir, eval_queries, seed=1):
     """Fill Pitts250k-test descriptors and search the queries' 20 nearest; one variant."""
-    dtype, disk, _ = VARIANTS[variant]
+    dtype, disk, _, _, _ = VARIANTS[variant]
     watch = MemoryWatch()
     num_db = max(1, round(PITTS250K_TEST[0] * scale))
     num_q = max(1, round(PITTS250K_TEST[1] * scale))
@@ -231,6 +242,8 @@ ROWS = [  # (label, task, key, format)
     ("fill the cache (s)", "train", "fill_s", "{:.1f}"),
     ("mine all queries (s)", "train", "mine_s", "{:.1f}"),
     ("  per query (ms)", "train", "mine_ms_per_query", "{:.1f}"),
+    ("  threads across queries", "train", "mining_workers", "{}"),
+    ("  potential negatives", "train", "negative_pool", "{}"),
     ("  queries timed", "train", "mined_queries", "{}"),
     ("train disk (GiB)", "train", "disk_gib", "{:.2f}"),
     ("eval database (GiB)", "eval", "db_gib", "{:.2f}"),
@@ -264,7 +277,7 @@ def format_table(result):
 def check_targets(result):
     """float16 variants at full scale: peak RSS and mining time against `TARGETS`."""
     out = {}
-    for name in ("float16-ram", "float16-disk"):
+    for name in [n for n in VARIANTS if n.startswith("float16")]:
         r = result["variants"].get(name, {}).get("train", {})
         if "peak_rss_gib" in r:
             out[name] = {"peak_rss_gib": r["peak_rss_gib"] <= TARGETS["peak_rss_gib"],

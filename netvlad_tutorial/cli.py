@@ -33,7 +33,8 @@ def _train(args):
     config = get_preset(args.preset).replace(data_root=str(args.data_root))
     if args.name:
         config = config.replace(dataset=args.name)
-    overrides = {k: getattr(args, k) for k in ("epochs", "seed", "num_workers", "device")}
+    overrides = {k: getattr(args, k) for k in ("epochs", "seed", "num_workers", "device",
+                                                "negative_pool")}
     config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
     if args.precision:
         config = config.replace(precision=args.precision)
@@ -206,6 +207,9 @@ def build_parser():
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--negative-pool", choices=["query", "shared"], default=None,
+                   help="potential negatives drawn per query (the reference) or shared by a "
+                        "group of queries (less memory read when mining on a CPU)")
     _add_precision(p)
     p.set_defaults(func=_train)
 

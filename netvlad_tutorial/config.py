@@ -36,6 +36,10 @@ class TrainConfig:
     n_neg: int = 10
     n_neg_sample: int = 1000
     n_neg_dist: int = 100
+    # Potential negatives: "query" (each query draws its own, the reference) or "shared" (a
+    # group of queries draws one pool; the same distribution per query, far less memory read
+    # when mining a large cache on a CPU; see `mining.mine_triplets`).
+    negative_pool: str = "query"
     # The paper's margin, on squared distances. Mining and the loss compare plain distances
     # with sqrt(margin) (0.316), as the reference code (see `mining.triplet_loss`).
     margin: float = 0.1
@@ -57,6 +61,9 @@ class TrainConfig:
         if self.trainable not in TRAINABLE:
             raise ValueError(f"trainable must be one of {', '.join(TRAINABLE)}, not "
                              f"{self.trainable!r}")
+        if self.negative_pool not in ("query", "shared"):
+            raise ValueError(f"negative_pool must be 'query' or 'shared', not "
+                             f"{self.negative_pool!r}")
 
     def replace(self, **changes):
         """A copy with `changes` applied."""

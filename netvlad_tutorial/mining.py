@@ -13,9 +13,11 @@ distances. Mining and `triplet_loss` compare plain distances, so both use `sqrt(
 
 import contextlib
 import math
+import os
 import threading
 import warnings
 from collections import namedtuple
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,17 +213,39 @@ def mine_tuple(q, q_desc_row, db_desc, train_pos_q, sampler, rng, neg_cache=None
             distances compared here, negatives must satisfy `d_neg < d_pos + sqrt(margin)`.
         device: where to compute distances (default: `db_desc`'s device if a tensor, else CPU).
     """
-    if device is None:
-        device = db_desc.device if torch.is_tensor(db_desc) else torch.device("cpu")
+    train_pos_q = _checked_positives(q, train_pos_q)
+    sampled = np.asarray(sampler.sample(q, n_neg_sample, rng), dtype=np.int64)
+    cached = neg_cache[q] if neg_cache is not None else np.empty(0, dtype=np.int64)
+    return mine_drawn(q, q_desc_row, db_desc, train_pos_q, sampled, cached,
+                      n_neg_dist=n_neg_dist, n_neg=n_neg, margin=margin, device=device)
+
+
+def _checked_positives(q, train_pos_q):
+    """`train_pos_q` as int64, or a clear error when query `q` has none."""
     train_pos_q = np.asarray(train_pos_q, dtype=np.int64)
     if len(train_pos_q) == 0:
         raise ValueError(f"query {q} has no training positive (database image within 10 m)")
-    sampled = np.asarray(sampler.sample(q, n_neg_sample, rng), dtype=np.int64)
-    cached = neg_cache[q] if neg_cache is not None else np.empty(0, dtype=np.int64)
+    return train_pos_q
+
+
+def mine_drawn(q, q_desc_row, db_desc, train_pos_q, sampled, cached, *, n_neg_dist, n_neg,
+               margin, device):
+    """`mine_tuple` once the potential negatives are drawn: the distances to the positives and
+    to the candidates (`sampled` and the `cached` negatives of last time), then the choice."""
+    if device is None:
+        device = db_desc.device if torch.is_tensor(db_desc) else torch.device("cpu")
     candidates = np.unique(np.concatenate([sampled, cached]))  # `candidates`: (C,) sorted
     dist = row_distances(db_desc, np.concatenate([train_pos_q, candidates]), q_desc_row,
                          device)  # (P + C,)
     d_pos_all, d_cand = dist[:len(train_pos_q)], dist[len(train_pos_q):]  # (P,), (C,)
+    return choose_negatives(q, train_pos_q, candidates, d_pos_all, d_cand, sampled,
+                            n_neg_dist=n_neg_dist, n_neg=n_neg, margin=margin)
+
+
+def choose_negatives(q, train_pos_q, candidates, d_pos_all, d_cand, sampled, *, n_neg_dist,
+                     n_neg, margin):
+    """The `MinedTuple` of query `q` from its distances: the best positive is the nearest; of
+    the `n_neg_dist` nearest candidates, those violating the margin, at most `n_neg`."""
     best = d_pos_all.argmin()
     d_near, near = d_cand.topk(min(n_neg_dist, len(candidates)), largest=False)  # nearest first
     violating = d_near < d_pos_all[best] + margin ** 0.5
@@ -230,34 +254,202 @@ def mine_tuple(q, q_desc_row, db_desc, train_pos_q, sampler, rng, neg_cache=None
                       float(d_pos_all[best]), d_negs.cpu().numpy(), sampled)
 
 
+POOL_GROUP = 32  # queries sharing one pool of potential negatives (negative_pool="shared")
+
+
+def draw_shared(group, sampler, rng, n_neg_sample):
+    """One pool of potential negatives for a group of queries, and each query's sample of it.
+
+    The pool is a uniform random sample, in random order, of `n_neg_sample` + 5 % database
+    indices; the sample of query q is the first `n_neg_sample` of them that are q's negatives
+    (beyond 25 m). By exchangeability that is a uniform sample without replacement of q's
+    negatives, as `sampler.sample` draws: each query's sample has the reference distribution,
+    only the samples of one group are no longer independent. Should the pool hold too few of
+    q's negatives, q draws its own (`sampler.sample`).
+
+    Returns:
+        (pool (P,) int64, list of each query's sample (n_neg_sample,) int64).
+    """
+    num_db = len(sampler.utm_db)
+    pool = rng.choice(num_db, size=min(num_db, n_neg_sample + max(8, n_neg_sample // 20)),
+                      replace=False).astype(np.int64)  # (P,), random order
+    samples = []
+    for q in group:
+        sample = pool[sampler.is_negative(q, pool)][:n_neg_sample]
+        if len(sample) < n_neg_sample:
+            sample = np.asarray(sampler.sample(q, n_neg_sample, rng), dtype=np.int64)
+        samples.append(sample)
+    return pool, samples
+
+
+def pool_distances(db_desc, pool, q_rows, device=None, block=BLOCK_ROWS):
+    """(G, P) float32: `row_distances(db_desc, pool, q_rows[g])` for every query row g.
+
+    The same values bit for bit, but each pool row is gathered and converted once for the G
+    queries, not once per query: G times less memory read, which is what mining is bound by.
+
+    Args:
+        db_desc: (numDb, D) descriptors; pool: (P,) int64 database indices; q_rows: (G, D).
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    db = _cpu_view(db_desc) if device.type == "cpu" else None
+    if db is None:
+        return torch.stack([row_distances(db_desc, pool, row, device) for row in q_rows])
+    idx = torch.from_numpy(np.ascontiguousarray(pool, dtype=np.int64))  # (P,)
+    num_q, dim, rows_n = len(q_rows), db.shape[1], min(block, max(1, len(idx)))
+    out = torch.empty(num_q, len(idx))  # (G, P)
+    queries = _WORKSPACE.get("queries", (num_q, dim), torch.float32)  # (G, D)
+    q_src = torch.as_tensor(np.asarray(q_rows)) if not torch.is_tensor(q_rows) else q_rows
+    queries.copy_(q_src)  # float16 -> float32: exact
+    rows = _WORKSPACE.get("diff", (rows_n, dim), torch.float32)  # (block, D) float32
+    gathered = (rows if db.dtype == torch.float32 else
+                _WORKSPACE.get("gathered", (rows_n, dim), db.dtype))  # (block, D)
+    diff = _WORKSPACE.get("pool_diff", (rows_n, dim), torch.float32)  # (block, D)
+    for start in range(0, len(idx), block):
+        part = idx[start:start + block]
+        n = len(part)
+        torch.index_select(db, 0, part, out=gathered[:n])
+        if gathered is not rows:
+            rows[:n].copy_(gathered[:n])  # float16 -> float32: exact
+        for g in range(num_q):  # the block stays in the CPU cache for every query
+            torch.sub(rows[:n], queries[g], out=diff[:n])
+            torch.linalg.vector_norm(diff[:n], dim=1, out=out[g, start:start + n])
+    return out
+
+
+def mine_group(group, pool, pool_dist, q_desc, db_desc, *, n_neg_dist, n_neg, margin, device):
+    """`mine_drawn` for every query of a group, the pool's distances computed once for all."""
+    order = np.argsort(pool, kind="stable")
+    sorted_pool = pool[order]  # (P,)
+    tuples = []
+    for g, (q, pos, sampled, cached) in enumerate(group):
+        candidates = np.unique(np.concatenate([sampled, cached]))  # (C,) sorted
+        at = np.minimum(np.searchsorted(sorted_pool, candidates), len(pool) - 1)
+        in_pool = sorted_pool[at] == candidates  # (C,)
+        d_cand = torch.empty(len(candidates))  # (C,)
+        d_cand[torch.from_numpy(in_pool)] = pool_dist[g][torch.from_numpy(order[at[in_pool]])]
+        rest = np.concatenate([pos, candidates[~in_pool]])  # positives, cached negatives
+        dist = row_distances(db_desc, rest, q_desc[q], device)  # (P + C_rest,)
+        d_cand[torch.from_numpy(~in_pool)] = dist[len(pos):]
+        tuples.append(choose_negatives(q, pos, candidates, dist[:len(pos)], d_cand, sampled,
+                              n_neg_dist=n_neg_dist, n_neg=n_neg, margin=margin))
+    return tuples
+
+
+def _batches(groups, size):
+    """Consecutive groups in batches of at most `size` that share no query."""
+    batch, seen = [], set()
+    for group in groups:
+        if len(batch) == size or seen.intersection(group):
+            yield batch
+            batch, seen = [], set()
+        batch.append(group)
+        seen.update(group)
+    if batch:
+        yield batch
+
+
+def mining_workers():
+    """The default number of mining threads: the CPU cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+
+
+def _chunks(queries, size):
+    """`queries` in consecutive chunks of at most `size`, none holding a query twice."""
+    chunk = []
+    for q in queries:
+        if len(chunk) == size or q in chunk:
+            yield chunk
+            chunk = []
+        chunk.append(q)
+    if chunk:
+        yield chunk
+
+
 def mine_triplets(queries, q_desc, db_desc, train_positives, sampler, rng, neg_cache, *,
                   n_neg_sample=1000, n_neg_dist=100, n_neg=10, margin=0.1, device=None,
-                  num_threads=1):
+                  num_threads=1, workers=None, negative_pool="query"):
     """Mine a tuple for each query of `queries`: (list of `MinedTuple`, number of skipped).
 
     Skipped queries (no violating negative) are left out of the list; the negative cache of
     every mined query is updated with its new negatives.
 
+    On the CPU, `workers` threads compute the queries' distances at once. The result does not
+    depend on `workers`, and equals one query after the other bit for bit
+    (`tests/test_mining_fast.py`): the negatives are drawn from `rng` in query order first, a
+    chunk of queries at a time; each query reads only its own row of the negative cache (a
+    query met again waits for its first tuple); each distance is computed by one thread with
+    the same operations.
+
     Args:
         queries: query indices to mine.
         q_desc: (numQ, D) cached query descriptors; `db_desc`: (numDb, D).
         train_positives: per query index, its training positives (`data.train_positives`).
-        num_threads: torch CPU threads while mining (None: unchanged). Each query's work is a
-            few small, memory-bound operations: more threads only add synchronization, which
-            on a busy 2-core machine made them many times slower (`benchmarks/scale.py`).
+        num_threads: torch CPU threads inside each operation (None: unchanged). Each query's
+            work is a few small, memory-bound operations: threads inside them only add
+            synchronization, which on a busy 2-core machine made them many times slower
+            (`benchmarks/scale.py`). The parallelism is across queries instead (`workers`).
+        workers: threads mining queries at once (None: `mining_workers()`, the usable CPU
+            cores; always 1 when the distances are computed on a GPU).
+        negative_pool: "query", the reference (Nanne/pytorch-NetVlad, MATLAB NetVLAD): every
+            query draws its own `n_neg_sample` potential negatives; or "shared": each group of
+            `POOL_GROUP` queries draws one pool and each query takes its sample from it
+            (`draw_shared`). Each query's sample has the same distribution, and the pool's rows
+            are read once per group instead of once per query: at Pitts250k scale, on a CPU,
+            mining is bound by that memory traffic (`benchmarks/scale.py`).
         Others: as `mine_tuple`.
     """
+    if negative_pool not in ("query", "shared"):
+        raise ValueError(f"negative_pool must be 'query' or 'shared', not {negative_pool!r}")
+    if device is None:
+        device = db_desc.device if torch.is_tensor(db_desc) else torch.device("cpu")
+    device = torch.device(device)
+    workers = 1 if device.type != "cpu" else (workers or mining_workers())
+    settings = dict(n_neg_dist=n_neg_dist, n_neg=n_neg, margin=margin, device=device)
+    queries = [int(q) for q in queries]
     tuples, num_skipped = [], 0
-    with torch_threads(num_threads):
-        for q in tqdm(queries, desc="Mining", unit="query"):
-            t = mine_tuple(int(q), q_desc[q], db_desc, train_positives[q], sampler, rng,
-                           neg_cache, n_neg_sample=n_neg_sample, n_neg_dist=n_neg_dist,
-                           n_neg=n_neg, margin=margin, device=device)
-            if len(t.negatives) == 0:
-                num_skipped += 1
-                continue
-            neg_cache.update(t.query, t.negatives)
-            tuples.append(t)
+
+    def drawn(q, sampled):  # (q, positives, sampled, cached), in query order
+        cached = neg_cache[q] if neg_cache is not None else np.empty(0, np.int64)
+        return q, _checked_positives(q, train_positives[q]), sampled, cached
+
+    def select(item):
+        q, pos, sampled, cached = item
+        return [mine_drawn(q, q_desc[q], db_desc, pos, sampled, cached, **settings)]
+
+    def select_group(item):
+        group, pool = item
+        pool_dist = pool_distances(db_desc, pool, q_desc[[g[0] for g in group]], device)
+        return mine_group(group, pool, pool_dist, q_desc, db_desc, **settings)
+
+    def batches():  # lists of work items, each item's result a list of tuples
+        if negative_pool == "query":
+            for chunk in _chunks(queries, POOL_GROUP * workers):
+                yield select, [drawn(q, np.asarray(sampler.sample(q, n_neg_sample, rng),
+                                                   dtype=np.int64)) for q in chunk]
+            return
+        for batch in _batches(_chunks(queries, POOL_GROUP), workers):
+            items = []
+            for group in batch:
+                for q in group:
+                    _checked_positives(q, train_positives[q])
+                pool, samples = draw_shared(group, sampler, rng, n_neg_sample)
+                items.append(([drawn(q, s) for q, s in zip(group, samples)], pool))
+            yield select_group, items
+
+    with (torch_threads(num_threads), tqdm(total=len(queries), desc="Mining", unit="query") as bar,
+          ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool):
+        for fn, items in batches():
+            for result in (pool.map(fn, items) if pool is not None else map(fn, items)):
+                for t in result:
+                    bar.update()
+                    if len(t.negatives) == 0:
+                        num_skipped += 1
+                        continue
+                    if neg_cache is not None:
+                        neg_cache.update(t.query, t.negatives)
+                    tuples.append(t)
     return tuples, num_skipped
 
 

@@ -283,7 +283,7 @@ def mine_shared(subset, q_desc, db_desc, state, config):
         mined = mine_triplets(subset, q_desc, db_desc, state.positives, state.sampler,
                               rng, neg_cache, n_neg_sample=config.n_neg_sample,
                               n_neg_dist=config.n_neg_dist, n_neg=config.n_neg,
-                              margin=config.margin)
+                              margin=config.margin, negative_pool=config.negative_pool)
     if not distributed.is_initialized():
         return mined
     shared = distributed.broadcast_object(

@@ -1,15 +1,20 @@
 """The blocked `mining.row_distances` gives exactly the results of the code it replaced, and
-allocates nothing but its result (its buffers are reused across calls)."""
+allocates nothing but its result (its buffers are reused across calls); mining with threads
+across queries, and with a shared pool of potential negatives, equals its plain loop."""
 
 import numpy as np
 import pytest
 import torch
 
 from netvlad_tutorial.mining import (
+    POOL_GROUP,
     NegativeCache,
+    _chunks,
     _float32,
+    draw_shared,
     mine_triplets,
     mine_tuple,
+    pool_distances,
     row_distances,
     torch_threads,
 )
@@ -169,3 +174,156 @@ def test_mining_agrees_with_a_float64_brute_force():
         assert t.positive == best and len(expected) > 0
         np.testing.assert_array_equal(t.negatives, expected)
         np.testing.assert_allclose(t.d_negs, d[expected], rtol=1e-6)
+
+
+@pytest.mark.parametrize("storage", ["float16", "memmap"])
+def test_parallel_mining_equals_one_query_after_the_other(storage, tmp_path):
+    """Threads across queries: the same tuples, cache and RNG state as `mine_tuple` in a loop.
+
+    Queries repeat (a query met twice in one epoch reads its negatives of a moment ago), within
+    a chunk and across chunks.
+    """
+    _, sampler, db, q_desc, positives = _random_city(tmp_path if storage == "memmap" else None)
+    num_q, rng = len(q_desc), np.random.default_rng(0)
+    queries = rng.permutation(num_q)[:150]
+    queries = np.r_[queries[:140], queries[:3], queries[140:], queries[:3]]  # 3 repeats in a chunk
+    settings = dict(n_neg_sample=60, n_neg_dist=30, n_neg=5, margin=0.0004)
+
+    expected, expected_skipped = [], 0  # the oracle: one query after the other
+    ref_cache, ref_rng = NegativeCache(num_q, 5), np.random.default_rng(11)
+    for q in queries:
+        t = mine_tuple(int(q), q_desc[q], db, positives[q], sampler, ref_rng, ref_cache,
+                       **settings)
+        if len(t.negatives) == 0:
+            expected_skipped += 1
+            continue
+        ref_cache.update(t.query, t.negatives)
+        expected.append(t)
+    repeats = [t for t in expected if t.query in queries[:3]]
+    assert len(repeats) > 3 and not all(np.isin(t.negatives, t.sampled).all() for t in repeats)
+    assert 0 < expected_skipped < len(queries) // 2 and len(expected) > 100
+
+    for workers in (1, 2, 3):
+        cache, gen = NegativeCache(num_q, 5), np.random.default_rng(11)
+        tuples, skipped = mine_triplets(queries, q_desc, db, positives, sampler, gen, cache,
+                                        workers=workers, **settings)
+        assert skipped == expected_skipped and len(tuples) == len(expected)
+        for got, want in zip(tuples, expected):
+            assert (got.query, got.positive, got.d_pos) == (want.query, want.positive, want.d_pos)
+            np.testing.assert_array_equal(got.negatives, want.negatives)
+            np.testing.assert_array_equal(got.d_negs, want.d_negs)
+            np.testing.assert_array_equal(got.sampled, want.sampled)
+        np.testing.assert_array_equal(cache.negatives, ref_cache.negatives)
+        assert gen.bit_generator.state == ref_rng.bit_generator.state
+
+
+def _random_city(tmp_path=None, seed=3):
+    """A Pitts-like city of 1,824 database rows and 156 queries, with random unit descriptors."""
+    from netvlad_tutorial.data import NegativeSampler
+    from netvlad_tutorial.synthetic import pitts_like_struct
+
+    db_struct = pitts_like_struct(scale=0.02, seed=seed)
+    rng = np.random.default_rng(0)
+    db = rng.normal(size=(db_struct.numDb, 96)).astype(np.float32)
+    q_desc = rng.normal(size=(db_struct.numQ, 96)).astype(np.float32)
+    db = (db / np.linalg.norm(db, axis=1, keepdims=True)).astype(np.float16)
+    q_desc = (q_desc / np.linalg.norm(q_desc, axis=1, keepdims=True)).astype(np.float16)
+    if tmp_path is not None:
+        mm = np.lib.format.open_memmap(tmp_path / "db.npy", mode="w+", dtype=db.dtype,
+                                       shape=db.shape)
+        mm[:] = db
+        mm.flush()
+        db = np.load(tmp_path / "db.npy", mmap_mode="r")
+    positives = [np.sort(rng.choice(db_struct.numDb, size=3, replace=False))
+                 for _ in range(db_struct.numQ)]
+    return db_struct, NegativeSampler(db_struct), db, q_desc, positives
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_pool_distances_equal_row_distances(dtype, tmp_path):
+    _, _, db, q_desc, _ = _random_city(tmp_path if dtype == np.float16 else None)
+    db = db if dtype == np.float16 else np.asarray(db, np.float32)
+    pool = np.random.default_rng(1).choice(len(db), size=53, replace=False)  # not a multiple
+    got = pool_distances(db, pool, q_desc[:7])
+    assert got.shape == (7, 53)
+    for g in range(7):
+        assert torch.equal(got[g], row_distances(db, pool, q_desc[g]))
+
+
+def test_draw_shared_gives_each_query_a_uniform_sample_of_its_negatives():
+    """Every sample: n distinct negatives (beyond 25 m); over many draws each negative of a
+    query is drawn about n / (its negatives) of the time (a chi-square bound)."""
+    db_struct, sampler, *_ = _random_city()
+    group = list(range(10))
+    rng = np.random.default_rng(5)
+    counts, draws, n = np.zeros(db_struct.numDb), 3000, 40
+    for _ in range(draws):
+        pool, samples = draw_shared(group, sampler, rng, n)
+        assert len(np.unique(pool)) == len(pool) == n + 8
+        for q, sample in zip(group, samples):
+            assert len(sample) == len(np.unique(sample)) == n
+            assert sampler.is_negative(q, sample).all()
+        counts[samples[0]] += 1
+    negatives = np.flatnonzero(sampler.is_negative(0, np.arange(db_struct.numDb)))
+    assert counts[np.setdiff1d(np.arange(db_struct.numDb), negatives)].sum() == 0
+    expected = draws * n / len(negatives)
+    chi2 = ((counts[negatives] - expected) ** 2 / expected).sum()
+    dof = len(negatives) - 1
+    assert chi2 < dof + 5 * np.sqrt(2 * dof)  # about 5 standard deviations
+
+
+@pytest.mark.parametrize("storage", ["float16", "memmap"])
+def test_shared_pool_mining_equals_its_draws_mined_one_after_the_other(storage, tmp_path):
+    """negative_pool="shared": for the samples `draw_shared` gives, the tuples, the negative
+    cache and the RNG state of `mine_tuple` in a loop, whatever the number of workers."""
+    _, sampler, db, q_desc, positives = _random_city(tmp_path if storage == "memmap" else None)
+    rng = np.random.default_rng(0)
+    queries = rng.permutation(len(q_desc))[:150]
+    queries = np.r_[queries[:140], queries[:3], queries[140:], queries[:3]]
+    settings = dict(n_neg_sample=60, n_neg_dist=30, n_neg=5, margin=0.0004)
+
+    class Replay:  # hands each query the samples drawn for it, in order
+        def __init__(self, samples):
+            self.samples = samples
+
+        def sample(self, q, n, rng):
+            return self.samples[q].pop(0)
+
+    ref_rng, drawn = np.random.default_rng(11), {}
+    for group in _chunks([int(q) for q in queries], POOL_GROUP):
+        _, samples = draw_shared(group, sampler, ref_rng, settings["n_neg_sample"])
+        for q, s in zip(group, samples):
+            drawn.setdefault(q, []).append(s)
+    expected, expected_skipped, ref_cache = [], 0, NegativeCache(len(q_desc), 5)
+    replay = Replay(drawn)
+    for q in queries:
+        t = mine_tuple(int(q), q_desc[q], db, positives[q], replay, None, ref_cache, **settings)
+        if len(t.negatives) == 0:
+            expected_skipped += 1
+            continue
+        ref_cache.update(t.query, t.negatives)
+        expected.append(t)
+    assert 0 < expected_skipped < len(queries) // 2 and len(expected) > 100
+
+    for workers in (1, 2, 3):
+        cache, gen = NegativeCache(len(q_desc), 5), np.random.default_rng(11)
+        tuples, skipped = mine_triplets(queries, q_desc, db, positives, sampler, gen, cache,
+                                        workers=workers, negative_pool="shared", **settings)
+        assert skipped == expected_skipped and len(tuples) == len(expected)
+        for got, want in zip(tuples, expected):
+            assert (got.query, got.positive, got.d_pos) == (want.query, want.positive, want.d_pos)
+            np.testing.assert_array_equal(got.negatives, want.negatives)
+            np.testing.assert_array_equal(got.d_negs, want.d_negs)
+            np.testing.assert_array_equal(got.sampled, want.sampled)
+        np.testing.assert_array_equal(cache.negatives, ref_cache.negatives)
+        assert gen.bit_generator.state == ref_rng.bit_generator.state
+    with pytest.raises(ValueError, match="negative_pool"):
+        mine_triplets(queries, q_desc, db, positives, sampler, gen, cache, negative_pool="x")
+
+
+def test_config_refuses_an_unknown_negative_pool():
+    from netvlad_tutorial.config import TrainConfig
+
+    assert TrainConfig().negative_pool == "query"  # the reference by default
+    with pytest.raises(ValueError, match="negative_pool must be 'query' or 'shared'"):
+        TrainConfig(negative_pool="pooled")

@@ -29,10 +29,11 @@ def _micro_config(city):
         kmeans_iters=10, precision="fp32", lr=1e-2, device="cpu", trainable="netvlad")
 
 
-@pytest.mark.parametrize("frozen", [False, True], ids=["whole-encoder", "feature-cache"])
-def test_resume_gives_the_same_final_weights(micro_city, tmp_path, frozen):
+@pytest.mark.parametrize("frozen,pool", [(False, "query"), (True, "query"), (True, "shared")],
+                         ids=["whole-encoder", "feature-cache", "feature-cache-shared-pool"])
+def test_resume_gives_the_same_final_weights(micro_city, tmp_path, frozen, pool):
     config = _micro_config(micro_city).replace(trainable="netvlad" if frozen else "all",
-                                               lr=1e-2)
+                                               lr=1e-2, negative_pool=pool)
     if not frozen:  # the whole VGG16 trains: smaller images and fewer queries keep it seconds
         config = config.replace(image_size=(16, 24), max_queries=8, lr=1e-3)
     straight = tr.train(config, tmp_path / "straight")
