@@ -127,7 +127,7 @@ def variant_settings(name, device, compile=None, gpu_decode=None, precision="aut
 def bench_images(num_images, image_size=None, image_dir=None, seed=0):
     """`num_images` JPEG paths: files under `image_dir`, else a synthetic city, cycled if few.
 
-    The synthetic city (preset "tiny", 960 images at `image_size`) is generated once into
+    The synthetic city (preset "tiny", 1,152 images at `image_size`) is generated once into
     `utils.cache_dir()/bench_city_<H>x<W>_seed<seed>/` and reused.
     """
     if image_dir is not None:

@@ -143,7 +143,7 @@ PRESETS = {
     # encoder stays random, with a warning): conv5 + NetVLAD train, as the reference. lr 1e-3 is
     # the paper's SGD rate: pretrained conv5 weights would be wrecked by the tiny preset's 1e-2
     # (meant for a freshly initialized NetVLAD layer alone), and Nanne's 1e-4 barely moves them
-    # in ten epochs of 144 queries (Pitts30k gives 30 epochs of 7,416 queries).
+    # in ten epochs of 96 queries (Pitts30k gives 30 epochs of 7,416 queries).
     "tiny-imagenet": TrainConfig(
         dataset="synthetic", image_size=(96, 128), num_clusters=16, weights="imagenet",
         trainable="conv5", lr=1e-3, lr_step=100, epochs=10, patience=10,

@@ -17,14 +17,21 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from . import distributed
-from .utils import Precision, atomic_write, cache_dir, display_path, resolve_precision
+from .utils import (
+    Precision,
+    atomic_write,
+    cache_dir,
+    display_path,
+    leave_progress,
+    resolve_precision,
+)
 
 DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
-IN_MEMORY_LIMIT_MB = 2048  # `storage="auto"`: larger caches go to a disk-backed array
-STORED_LIMIT_MB = 256  # `stored_local_features` keeps arrays up to this size between runs
+IN_MEMORY_LIMIT_MIB = 2048  # `storage="auto"`: larger caches go to a disk-backed array
+STORED_LIMIT_MIB = 256  # `stored_local_features` keeps arrays up to this size between runs
 
 
-def cache_memory_mb(n, dim, dtype=np.float16):
+def cache_memory_mib(n, dim, dtype=np.float16):
     """Size in MiB of an (n, dim) descriptor array of `dtype` (`dim` may be a shape tuple)."""
     return n * int(np.prod(dim)) * np.dtype(dtype).itemsize / 2**20
 
@@ -95,7 +102,8 @@ def run_inference(model, dataset, batch_size=24, num_workers=0, device=None, pre
     out = None
     try:
         with torch.no_grad():
-            for inputs, indices in tqdm(loader, desc=label, unit="batch", disable=label is None):
+            for inputs, indices in tqdm(loader, desc=label, unit="batch", disable=label is None,
+                                        leave=leave_progress()):
                 inputs = precision.images(inputs.to(device, non_blocking=True))  # (B, ...)
                 with precision.autocast(device):
                     outputs = model(inputs)  # `outputs`: (B, ...)
@@ -164,7 +172,7 @@ def compute_local_features(encoder, dataset, batch_size=24, num_workers=0, devic
     Args:
         encoder: images (B, 3, H, W) -> local descriptors (B, D, h, w), frozen.
         storage: "memory", "disk" (a `.npy` at `out_path`) or "auto": memory up to
-            `IN_MEMORY_LIMIT_MB`, disk above.
+            `IN_MEMORY_LIMIT_MIB`, disk above.
         out_path: the `.npy` file for disk storage.
     """
     if any(p.requires_grad for p in encoder.parameters()):
@@ -173,9 +181,9 @@ def compute_local_features(encoder, dataset, batch_size=24, num_workers=0, devic
     device = torch.device(device) if device is not None else _model_device(encoder)
     image, _ = dataset[0]  # `image`: (3, H, W)
     shape = _meta_shape(encoder, image.shape)  # (D, h, w)
-    mib = cache_memory_mb(len(dataset), shape, np.float16)
+    mib = cache_memory_mib(len(dataset), shape, np.float16)
     if storage == "auto":
-        storage = "memory" if mib <= IN_MEMORY_LIMIT_MB else "disk"
+        storage = "memory" if mib <= IN_MEMORY_LIMIT_MIB else "disk"
     if storage not in ("memory", "disk"):
         raise ValueError(f"storage must be 'memory', 'disk' or 'auto', got {storage!r}")
     if storage == "disk" and out_path is None:
@@ -236,12 +244,12 @@ def stored_local_features(encoder, dataset, batch_size=24, num_workers=0, device
 
     A frozen encoder gives the same features in every run (the course's notebooks 04, 05 and
     06 all encode the same splits with the same random encoder), so a small array
-    (up to `STORED_LIMIT_MB`) is written once, atomically, and read back by every later call
+    (up to `STORED_LIMIT_MIB`) is written once, atomically, and read back by every later call
     with the same `features_key`.
 
     Returns:
         the (N, D, h, w) float16 array, or None when it would be larger than
-        `STORED_LIMIT_MB` (real-scale splits: use `compute_local_features` with disk storage,
+        `STORED_LIMIT_MIB` (real-scale splits: use `compute_local_features` with disk storage,
         or the images) or `dataset` has no `paths` (only a `data.WholeDataset` is keyed).
     """
     device = torch.device(device) if device is not None else _model_device(encoder)
@@ -249,7 +257,7 @@ def stored_local_features(encoder, dataset, batch_size=24, num_workers=0, device
     if not hasattr(dataset, "paths") or not len(dataset):
         return None
     image, _ = dataset[0]  # `image`: (3, H, W)
-    if cache_memory_mb(len(dataset), _meta_shape(encoder, image.shape)) > STORED_LIMIT_MB:
+    if cache_memory_mib(len(dataset), _meta_shape(encoder, image.shape)) > STORED_LIMIT_MIB:
         return None
     path = cache_dir() / "features" / f"{features_key(encoder, dataset, precision)}.npy"
     if path.is_file():
@@ -260,7 +268,7 @@ def stored_local_features(encoder, dataset, batch_size=24, num_workers=0, device
         else:
             if features.dtype == np.float16 and len(features) == len(dataset):
                 print(f"local features: {features.shape[0]:,} images x {features.shape[1:]} "
-                      f"float16, read from {display_path(path)}")
+                      f"float16, read from {display_path(path.parent)} (kept by an earlier run)")
                 return features
             print(f"{display_path(path)} holds {features.shape} {features.dtype}, not "
                   f"{len(dataset)} images in float16: encoding again")

@@ -28,6 +28,7 @@ from .config import TRAINABLE, TrainConfig
 from .data import data_fingerprint, whole_dataset
 from .features import run_inference
 from .utils import (
+    Precision,
     atomic_save,
     cache_dir,
     display_path,
@@ -279,6 +280,8 @@ def sample_local_descriptors(encoder, dataset, num_images=500, per_image=100, ba
     images = np.sort(rng.choice(num_db, min(num_images, num_db), replace=False))
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
     net = _UnitLocalDescriptors(encoder).train(encoder.training)  # mode restored after each pass
+    if not isinstance(precision, Precision):  # chosen (and said) before the progress bar starts
+        precision = resolve_precision(precision or "auto", device)
     descs = []
     for start in tqdm(range(0, len(images), batch_size), desc="Local descriptors for k-means",
                       unit="batch"):

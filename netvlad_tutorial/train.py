@@ -33,14 +33,15 @@ from .data import (
 )
 from .evaluate import evaluate_split
 from .features import (
-    IN_MEMORY_LIMIT_MB,
+    IN_MEMORY_LIMIT_MIB,
     FeatureDataset,
-    cache_memory_mb,
+    cache_memory_mib,
     compute_descriptors,
     compute_local_features,
     stored_local_features,
 )
 from .mining import (
+    POOL_GROUP,
     MiningState,
     NegativeCache,
     TripletDataset,
@@ -66,6 +67,7 @@ from .utils import (
     remove_temporary_files,
     resolve_device,
     resolve_precision,
+    transient_progress,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -92,8 +94,9 @@ def estimate_run(config, num_db, num_q, verbose=True):
     Returns:
         dict with `queries_per_epoch`, `refreshes_per_epoch`, `cache_images_per_epoch`,
         `train_images_per_epoch`, `images_per_epoch`, `images_total` (all epochs),
-        `descriptor_dim`, `cache_bytes_float16`, `cache_bytes_float32` and `disk_bytes` (a
-        disk-backed float16 cache: one .npy file of the cache's size).
+        `descriptor_dim`, `cache_bytes_float16`, `cache_bytes_float32`, `disk_bytes` (a
+        disk-backed float16 cache: one .npy file of the cache's size) and
+        `mining_bytes_per_epoch` (cache rows mining reads, positives left out: a lower bound).
     """
     queries = min(num_q, config.max_queries) if config.max_queries else num_q
     refreshes = math.ceil(queries / config.cache_refresh)
@@ -107,6 +110,10 @@ def estimate_run(config, num_db, num_q, verbose=True):
            "descriptor_dim": dim, "cache_bytes_float16": (num_db + num_q) * dim * 2,
            "cache_bytes_float32": (num_db + num_q) * dim * 4}
     est["disk_bytes"] = est["cache_bytes_float16"]
+    pool_rows = config.n_neg_sample + max(8, config.n_neg_sample // 20)  # `draw_shared`'s pool
+    rows_per_query = (config.n_neg_sample if config.negative_pool == "query" else
+                      pool_rows / POOL_GROUP) + config.n_neg  # sampled + cached negatives
+    est["mining_bytes_per_epoch"] = round(queries * rows_per_query * dim * 2)
     if verbose:
         gib = 2 ** 30
         print(f"Estimate: {queries:,} queries per epoch, {refreshes} cache refreshes of "
@@ -115,7 +122,9 @@ def estimate_run(config, num_db, num_q, verbose=True):
               f"{config.epochs} epochs. Cache {dim:,}-D: "
               f"{est['cache_bytes_float16'] / gib:.1f} GiB in float16 "
               f"({est['cache_bytes_float32'] / gib:.1f} GiB in float32); a disk-backed cache "
-              f"needs {est['disk_bytes'] / gib:.1f} GiB of disk.")
+              f"needs {est['disk_bytes'] / gib:.1f} GiB of disk. Mining reads at least "
+              f"{est['mining_bytes_per_epoch'] / gib:,.0f} GiB of it per epoch "
+              f"(negative_pool={config.negative_pool!r}).")
     return est
 
 
@@ -192,14 +201,14 @@ def refresh_cache(model, state, config, device):
     """float16 descriptors (numDb + numQ, out_dim) of the whole training split, current model.
 
     Stored in RAM, or in a disk-backed array (`state.work_dir`) when `config.cache_storage`
-    is "disk", or "auto" and the cache is larger than `features.IN_MEMORY_LIMIT_MB`.
+    is "disk", or "auto" and the cache is larger than `features.IN_MEMORY_LIMIT_MIB`.
     """
     split, features = state.split, state.features
     num_images = split.db.numDb + split.db.numQ
     storage = config.cache_storage
     if storage == "auto":
-        mib = cache_memory_mb(num_images, model.out_dim, np.float16)
-        storage = "memory" if mib <= IN_MEMORY_LIMIT_MB else "disk"
+        mib = cache_memory_mib(num_images, model.out_dim, np.float16)
+        storage = "memory" if mib <= IN_MEMORY_LIMIT_MIB else "disk"
     out_path = None
     if storage == "disk" and state.work_dir is not None:
         out_path = Path(state.work_dir) / "descriptor_cache.npy"
@@ -568,9 +577,13 @@ def resume_from(latest, run_dir, model, optimizer, scheduler, state, config):
 
 
 def validate(model, val_split, state, config, device):
-    """Recall@N on the validation split; under torchrun the same on every rank."""
+    """Recall@N on the validation split; under torchrun the same on every rank.
+
+    With `config.feature_cache` off, validation encodes the images every epoch too (no local
+    features kept between runs either): the plain path, for comparison."""
     recalls = evaluate_split(model, val_split, config, device,
-                             features=getattr(state.features, "val", None))
+                             features=getattr(state.features, "val", None),
+                             stored=config.feature_cache)
     return distributed.broadcast_object(recalls)  # one early-stop decision for all
 
 
@@ -635,13 +648,15 @@ def train(config, run_dir, resume=False, stop_after=None, overwrite=False):
         if stops_early(record, epoch, config):
             break
         t0 = time.perf_counter()
-        stats = train_epoch(model, optimizer, state, config, device)
+        with transient_progress():  # the epoch's bars are erased; its summary line stays
+            stats = train_epoch(model, optimizer, state, config, device)
         fault_point("epoch-trained")
         if stats["tuples"] == 0:
             print(f"epoch {epoch}: no tuple to train on ({stats['skipped']} queries skipped: "
                   "no negative violates the margin)")
         scheduler.step()
-        recalls = validate(model, val_split, state, config, device)
+        with transient_progress():
+            recalls = validate(model, val_split, state, config, device)
         is_best = record_epoch(record, epoch, stats, recalls, optimizer, time.perf_counter() - t0)
         ckpt = make_checkpoint(config, model, optimizer, scheduler, epoch, state, record)
         _commit_epoch(run_dir, ckpt, is_best)

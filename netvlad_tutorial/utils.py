@@ -1,6 +1,7 @@
 """Small helpers shared by every stage: seeds, devices, paths, safe saving."""
 
 import contextlib
+import contextvars
 import gc
 import json
 import os
@@ -382,3 +383,22 @@ def display_path(path):
         return "~/" + resolved.relative_to(Path.home().resolve()).as_posix()
     except ValueError:
         return str(path)
+
+
+_TRANSIENT_PROGRESS = contextvars.ContextVar("transient_progress", default=False)
+
+
+@contextlib.contextmanager
+def transient_progress():
+    """Progress bars started inside the block are erased when they finish (`leave_progress`):
+    a training epoch's bars go, and the epoch's one summary line stays."""
+    token = _TRANSIENT_PROGRESS.set(True)
+    try:
+        yield
+    finally:
+        _TRANSIENT_PROGRESS.reset(token)
+
+
+def leave_progress():
+    """tqdm's `leave`: False inside `transient_progress()`, else True."""
+    return not _TRANSIENT_PROGRESS.get()

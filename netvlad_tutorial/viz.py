@@ -7,7 +7,9 @@ included). Make the call the last expression of a cell (or `display(fig)`) to se
 machine); the notebooks explain in Korean.
 """
 
+import inspect
 import io
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +83,7 @@ def to_image(x):
 # ---------------------------------------------------------------------------------------------
 
 def plot_query_map(utm_db, utm_q, query_index, positives=None, train_positives=None,
-                   negatives=None, radii=(10, 25), window=60, ax=None):
+                   negatives=None, radii=(10, 25), window=60, ax=None, negatives_label=None):
     """A UTM map around one query: database points, rings, positives and negatives.
 
     Coordinates are drawn in metres relative to the query (east, north).
@@ -95,6 +97,7 @@ def plot_query_map(utm_db, utm_q, query_index, positives=None, train_positives=N
         radii: the two circles to draw, in metres.
         window: half-width of the map in metres.
         ax: draw on this axes instead of a new figure.
+        negatives_label: the legend of `negatives` (default: a sample of negatives).
     """
     if ax is None:
         ax = NotebookFigure(figsize=(6, 6.8), layout="constrained").subplots()
@@ -111,7 +114,7 @@ def plot_query_map(utm_db, utm_q, query_index, positives=None, train_positives=N
                    label=f"training positive (≤ {near:g} m)")
     if negatives is not None:
         ax.scatter(*xy[negatives].T, s=22, c="tab:red", marker="x",
-                   label=f"negative (sample, > {far:g} m)")
+                   label=negatives_label or f"negative (sample, > {far:g} m)")
     ax.scatter(0, 0, s=260, c="tab:blue", marker="*", edgecolors="black", zorder=3,
                label="query")
     for r in radii:
@@ -374,6 +377,19 @@ class Markdown(str):
 
     def _repr_markdown_(self):
         return str(self)
+
+    def __repr__(self):  # the text form (a terminal, nbval) is the Markdown source itself
+        return str(self)
+
+
+def show_source(*objects):
+    """The source code of functions or classes as one Markdown Python block (no ANSI colours,
+    unlike `%psource`, so that it reads the same on GitHub as in JupyterLab).
+
+    Make it the last expression of a cell; its text form is the plain source.
+    """
+    parts = [textwrap.dedent(inspect.getsource(obj)).rstrip() for obj in objects]
+    return Markdown("```python\n" + "\n\n\n".join(parts) + "\n```")
 
 
 def markdown_table(header, rows, float_format=".1f"):

@@ -31,6 +31,12 @@ def test_estimate_run_pitts250k_and_max_queries():
     capped = estimate_run(PRESETS["pitts250k"].replace(max_queries=1500), 91_464, 7_824,
                           verbose=False)
     assert capped["queries_per_epoch"] == 1500 and capped["refreshes_per_epoch"] == 2
+    # Mining reads 1,000 sampled + 10 cached rows of 64 KiB per query; a shared pool of
+    # 1,050 rows is read once per 32 queries.
+    assert est["mining_bytes_per_epoch"] == 7_824 * 1_010 * 32_768 * 2  # 482 GiB
+    shared = estimate_run(PRESETS["pitts250k"].replace(negative_pool="shared"), 91_464, 7_824,
+                          verbose=False)
+    assert shared["mining_bytes_per_epoch"] == round(7_824 * (1_050 / 32 + 10) * 32_768 * 2)
 
 
 def test_tiny_imagenet_preset_without_the_file_warns_and_continues(tmp_path, monkeypatch):

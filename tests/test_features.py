@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from netvlad_tutorial.features import cache_memory_mb, compute_descriptors
+from netvlad_tutorial.features import cache_memory_mib, compute_descriptors
 
 
 class TinyNet(nn.Module):
@@ -99,7 +99,7 @@ def test_rejects_float64(model):
         compute_descriptors(model, RandomImages(n=3), dtype=np.float64)
 
 
-def test_cache_memory_mb():
+def test_cache_memory_mib():
     # Pitts250k test, 32,768-D: 92,232 images; float64 would be 4x the float16 size.
-    assert cache_memory_mb(92232, 32768, np.float64) == pytest.approx(92232 * 32768 * 8 / 2**20)
-    assert cache_memory_mb(1024, 1024) == 2.0
+    assert cache_memory_mib(92232, 32768, np.float64) == pytest.approx(92232 * 32768 * 8 / 2**20)
+    assert cache_memory_mib(1024, 1024) == 2.0

@@ -240,14 +240,21 @@ def _random_city(tmp_path=None, seed=3):
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
-def test_pool_distances_equal_row_distances(dtype, tmp_path):
+def test_pool_distances_agree_with_float64(dtype, tmp_path):
+    """The dot-product expansion against the direct distance in float64, and `row_distances`."""
     _, _, db, q_desc, _ = _random_city(tmp_path if dtype == np.float16 else None)
     db = db if dtype == np.float16 else np.asarray(db, np.float32)
     pool = np.random.default_rng(1).choice(len(db), size=53, replace=False)  # not a multiple
     got = pool_distances(db, pool, q_desc[:7])
-    assert got.shape == (7, 53)
+    assert got.shape == (7, 53) and got.dtype == torch.float32
+    exact = np.linalg.norm(np.asarray(db[pool], np.float64)[None]
+                           - np.asarray(q_desc[:7], np.float64)[:, None], axis=2)  # (7, 53)
+    np.testing.assert_allclose(got.numpy(), exact, rtol=0, atol=2e-6)
     for g in range(7):
-        assert torch.equal(got[g], row_distances(db, pool, q_desc[g]))
+        torch.testing.assert_close(got[g], row_distances(db, pool, q_desc[g]), rtol=0, atol=2e-6)
+    same = pool_distances(db, pool[:5], q_desc[:1])
+    assert torch.equal(same[0, :5], pool_distances(db, pool[:5], q_desc[0][None])[0])
+    assert pool_distances(db, np.array([3]), db[3][None]).item() < 1e-3  # ‖x − x‖: clamped, ≥ 0
 
 
 def test_draw_shared_gives_each_query_a_uniform_sample_of_its_negatives():
@@ -272,51 +279,60 @@ def test_draw_shared_gives_each_query_a_uniform_sample_of_its_negatives():
     assert chi2 < dof + 5 * np.sqrt(2 * dof)  # about 5 standard deviations
 
 
+def _mine_float64(q, q_desc, db, positives, sampled, cached, n_neg_dist, n_neg, margin):
+    """The oracle of a mined tuple, by brute force in float64: (positive, negatives)."""
+    cand = np.unique(np.concatenate([sampled, cached]))
+    qv = np.asarray(q_desc[q], np.float64)
+    d_pos = np.linalg.norm(np.asarray(db[positives[q]], np.float64) - qv, axis=1)
+    d_cand = np.linalg.norm(np.asarray(db[cand], np.float64) - qv, axis=1)
+    near = np.argsort(d_cand, kind="stable")[:n_neg_dist]
+    chosen = [j for j in near if d_cand[j] < d_pos.min() + margin ** 0.5][:n_neg]
+    return int(positives[q][d_pos.argmin()]), cand[chosen], d_pos.min(), d_cand[chosen]
+
+
 @pytest.mark.parametrize("storage", ["float16", "memmap"])
-def test_shared_pool_mining_equals_its_draws_mined_one_after_the_other(storage, tmp_path):
-    """negative_pool="shared": for the samples `draw_shared` gives, the tuples, the negative
-    cache and the RNG state of `mine_tuple` in a loop, whatever the number of workers."""
+def test_shared_pool_mining_equals_its_draws_mined_in_float64(storage, tmp_path):
+    """negative_pool="shared": for the samples `draw_shared` gives (query after query, the
+    negative cache updated), the tuples of a float64 brute force, and the same tuples, cache and
+    RNG state whatever the number of workers."""
     _, sampler, db, q_desc, positives = _random_city(tmp_path if storage == "memmap" else None)
     rng = np.random.default_rng(0)
     queries = rng.permutation(len(q_desc))[:150]
     queries = np.r_[queries[:140], queries[:3], queries[140:], queries[:3]]
     settings = dict(n_neg_sample=60, n_neg_dist=30, n_neg=5, margin=0.0004)
 
-    class Replay:  # hands each query the samples drawn for it, in order
-        def __init__(self, samples):
-            self.samples = samples
-
-        def sample(self, q, n, rng):
-            return self.samples[q].pop(0)
-
     ref_rng, drawn = np.random.default_rng(11), {}
     for group in _chunks([int(q) for q in queries], POOL_GROUP):
         _, samples = draw_shared(group, sampler, ref_rng, settings["n_neg_sample"])
-        for q, s in zip(group, samples):
-            drawn.setdefault(q, []).append(s)
-    expected, expected_skipped, ref_cache = [], 0, NegativeCache(len(q_desc), 5)
-    replay = Replay(drawn)
+        for q, sample in zip(group, samples):
+            drawn.setdefault(q, []).append(sample)
+    expected, ref_cache = [], NegativeCache(len(q_desc), 5)
     for q in queries:
-        t = mine_tuple(int(q), q_desc[q], db, positives[q], replay, None, ref_cache, **settings)
-        if len(t.negatives) == 0:
-            expected_skipped += 1
-            continue
-        ref_cache.update(t.query, t.negatives)
-        expected.append(t)
-    assert 0 < expected_skipped < len(queries) // 2 and len(expected) > 100
+        sampled = drawn[q].pop(0)
+        pos, negs, d_pos, d_negs = _mine_float64(q, q_desc, db, positives, sampled,
+                                                 ref_cache[q], 30, 5, 0.0004)
+        if len(negs):
+            ref_cache.update(q, negs)
+            expected.append((q, pos, negs, d_pos, d_negs, sampled))
+    assert len(queries) // 2 < len(expected) < len(queries) - 5  # some skipped, most mined
+    assert any(not np.isin(e[2], e[5]).all() for e in expected)  # cached negatives were used
 
+    results = []
     for workers in (1, 2, 3):
         cache, gen = NegativeCache(len(q_desc), 5), np.random.default_rng(11)
         tuples, skipped = mine_triplets(queries, q_desc, db, positives, sampler, gen, cache,
                                         workers=workers, negative_pool="shared", **settings)
-        assert skipped == expected_skipped and len(tuples) == len(expected)
-        for got, want in zip(tuples, expected):
-            assert (got.query, got.positive, got.d_pos) == (want.query, want.positive, want.d_pos)
-            np.testing.assert_array_equal(got.negatives, want.negatives)
-            np.testing.assert_array_equal(got.d_negs, want.d_negs)
-            np.testing.assert_array_equal(got.sampled, want.sampled)
+        assert skipped == len(queries) - len(expected) and len(tuples) == len(expected)
+        for got, (q, pos, negs, d_pos, d_negs, sampled) in zip(tuples, expected):
+            assert (got.query, got.positive) == (q, pos)
+            np.testing.assert_array_equal(got.negatives, negs)
+            np.testing.assert_array_equal(got.sampled, sampled)
+            np.testing.assert_allclose(got.d_pos, d_pos, atol=2e-6)
+            np.testing.assert_allclose(got.d_negs, d_negs, atol=2e-6)
         np.testing.assert_array_equal(cache.negatives, ref_cache.negatives)
         assert gen.bit_generator.state == ref_rng.bit_generator.state
+        results.append([(t.d_pos, t.d_negs.tobytes()) for t in tuples])
+    assert results[0] == results[1] == results[2]  # bit for bit, whatever the threads
     with pytest.raises(ValueError, match="negative_pool"):
         mine_triplets(queries, q_desc, db, positives, sampler, gen, cache, negative_pool="x")
 

@@ -75,7 +75,7 @@ def test_unreadable_or_wrong_file_is_encoded_again(store, encoder_and_dataset, c
 
 def test_large_arrays_are_not_kept(store, encoder_and_dataset, monkeypatch):
     encoder, dataset = encoder_and_dataset
-    monkeypatch.setattr(ft, "STORED_LIMIT_MB", 0.01)
+    monkeypatch.setattr(ft, "STORED_LIMIT_MIB", 0.01)
     assert ft.stored_local_features(encoder, dataset, batch_size=16, precision="fp32") is None
     assert not store.exists() or not list(store.glob("*.npy"))
 

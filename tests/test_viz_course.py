@@ -188,3 +188,16 @@ def test_plot_descriptor_scatter_says_what_the_colours_mean():
                                        "neighbouring places (6 in all)")
     many = viz.plot_descriptor_scatter(rng.normal(size=(42, 5)), np.arange(42))
     assert many.axes[0].get_title().endswith("colour = place (42 in all, colours repeat)")
+
+
+def test_show_source_is_the_plain_source_in_one_python_block():
+    import inspect
+
+    from netvlad_tutorial import mining, viz
+
+    shown = viz.show_source(mining.mine_tuple, mining.choose_negatives)
+    assert shown.startswith("```python\ndef mine_tuple(") and shown.endswith("\n```")
+    assert inspect.getsource(mining.choose_negatives).rstrip() in shown
+    assert "\x1b[" not in shown and repr(shown) == str(shown) == shown._repr_markdown_()
+    method = viz.show_source(mining.NegativeCache.update)  # a method: dedented
+    assert method.splitlines()[1].startswith("def update(")
