@@ -6,6 +6,7 @@ import gc
 import json
 import os
 import pickle
+import platform
 import random
 import re
 import signal
@@ -89,11 +90,12 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def native_bf16(device):
-    """(bool, reason): whether `device` computes bf16 natively, so that bf16 is faster than fp32.
+    """(bool, reason): whether `device` has bf16 instructions, without which bf16 is emulated.
 
     A CPU needs AMX or AVX512-BF16: without them oneDNN emulates bf16, and VGG16 runs several
     times *slower* than in fp32 (`torch.ops.mkldnn._is_mkldnn_bf16_supported()` is True even
     then, so it does not tell). A GPU needs `torch.cuda.is_bf16_supported()` (Ampere or later).
+    Having them is not enough on every CPU: see `cpu_bf16_speedup`.
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -107,6 +109,73 @@ def native_bf16(device):
             return True, f"this CPU has native bf16 ({'AMX' if amx else 'AVX512-BF16'})"
         return False, "this CPU has no native bf16: no AMX, no AVX512-BF16"
     return False, f"no bf16 autocast on {device.type}"
+
+
+BF16_MIN_SPEEDUP = 1.2  # "auto" takes bf16 on a CPU only if it measured at least this much faster
+
+
+def _cpu_model():
+    """The CPU's model name (from /proc/cpuinfo), or the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _time_conv(bf16, reps=3):
+    """Seconds of the fastest of `reps` runs of a VGG16-sized 3x3 convolution (channels_last)."""
+    gen = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(128, 128, 3, padding=1).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 128, 24, 32, generator=gen).to(memory_format=torch.channels_last)
+    best = float("inf")
+    with torch.no_grad(), autocast("cpu", enabled=bf16):
+        conv(x)  # warm-up: oneDNN picks and builds its kernel
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            conv(x)
+            conv(x)
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def cpu_bf16_speedup():
+    """How many times faster bf16 autocast runs a VGG16 convolution than fp32 on this CPU.
+
+    Measured once (about 0.1 s) per CPU model, torch version and thread count, and kept in
+    `cache_dir()/precision/`. bf16 instructions do not make bf16 faster everywhere: an AMD EPYC
+    Zen 4 with AVX512-BF16 ran VGG16 2x faster in bf16, an Intel Xeon with AVX512-BF16 but no
+    AMX 0.7x (`benchmarks/README.md`).
+    """
+    key = re.sub(r"[^A-Za-z0-9]+", "-", f"{_cpu_model()}_torch{torch.__version__}"
+                 f"_{torch.get_num_threads()}threads").strip("-")
+    path = cache_dir() / "precision" / f"{key}.json"
+    try:
+        return float(json.loads(path.read_text())["bf16_speedup"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    speedup = _time_conv(False) / _time_conv(True)
+    try:
+        atomic_json({"cpu": _cpu_model(), "torch": torch.__version__,
+                     "threads": torch.get_num_threads(), "bf16_speedup": speedup}, path)
+    except OSError:  # a read-only cache folder: measure again next time
+        pass
+    return speedup
+
+
+def auto_precision(device):
+    """(name, reason) that "auto" picks on `device` (see `resolve_precision`)."""
+    native, why = native_bf16(device)
+    if not native:
+        return "fp32", why
+    if torch.device(device).type != "cpu":
+        return "bf16", why
+    speedup = cpu_bf16_speedup()
+    if speedup >= BF16_MIN_SPEEDUP:
+        return "bf16", f"{why}, measured {speedup:.1f}x faster than fp32"
+    return "fp32", f"{why}, but measured {speedup:.1f}x the speed of fp32 here"
 
 
 @dataclass(frozen=True)
@@ -146,7 +215,8 @@ def resolve_precision(requested="auto", device="cpu", verbose=True):
     """The `Precision` to run with on `device`: "auto", "fp32" or "bf16".
 
     "auto" (the default) takes `$NETVLAD_PRECISION` when it is set, else bf16 only where the
-    device computes it natively (`native_bf16`) and fp32 otherwise, so it never picks a path
+    device has bf16 instructions (`native_bf16`) and, on a CPU, bf16 also measured faster
+    (`cpu_bf16_speedup` at least `BF16_MIN_SPEEDUP`), fp32 otherwise: it never picks a path
     slower than fp32. channels_last is used on CPU and CUDA, where it is the faster layout for
     VGG16 in both precisions (measured: `benchmarks/README.md`). The choice is printed once per
     process with its reason when `verbose`.
@@ -161,10 +231,10 @@ def resolve_precision(requested="auto", device="cpu", verbose=True):
     if requested not in PRECISIONS:
         raise ValueError(f"unknown precision {requested!r} (from {source or 'the setting'}); "
                          f"choose one of {', '.join(PRECISIONS)}")
-    native, why = native_bf16(device)
     if requested == "auto":
-        name, reason = ("bf16" if native else "fp32"), why
+        name, reason = auto_precision(device)
     elif requested == "bf16":
+        native, why = native_bf16(device)
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"bf16 autocast is not available on {device.type}; use fp32")
         name = "bf16"

@@ -15,9 +15,11 @@ def _cpu(monkeypatch, amx, avx512_bf16):
 
 
 @pytest.fixture(autouse=True)
-def _clean(monkeypatch):
+def _clean(monkeypatch, tmp_path):
     monkeypatch.delenv(PRECISION_ENV, raising=False)
     monkeypatch.setattr(utils, "_ANNOUNCED", set())
+    monkeypatch.setenv("NETVLAD_CACHE_DIR", str(tmp_path / "cache"))  # no measurement kept
+    monkeypatch.setattr(utils, "cpu_bf16_speedup", lambda: 2.0)  # a CPU where bf16 is faster
 
 
 @pytest.mark.parametrize("amx, avx512_bf16", list(itertools.product([False, True], repeat=2)))
@@ -29,6 +31,31 @@ def test_auto_picks_bf16_only_where_native_on_cpu(monkeypatch, amx, avx512_bf16)
     assert chosen.channels_last  # faster than NCHW on CPU in both precisions
     expected = "AMX" if amx else "AVX512-BF16" if avx512_bf16 else "no native bf16"
     assert expected in chosen.reason
+
+
+@pytest.mark.parametrize("speedup, expected", [(2.0, "bf16"), (1.2, "bf16"), (1.1, "fp32"),
+                                               (0.6, "fp32")])
+def test_auto_takes_bf16_on_a_cpu_only_where_it_measured_faster(monkeypatch, speedup, expected):
+    # bf16 instructions are not enough: an Intel Xeon with AVX512-BF16 and no AMX ran VGG16
+    # 0.7x as fast in bf16 as in fp32
+    _cpu(monkeypatch, False, True)
+    monkeypatch.setattr(utils, "cpu_bf16_speedup", lambda: speedup)
+    chosen = resolve_precision("auto", "cpu", verbose=False)
+    assert chosen.name == expected and f"{speedup:.1f}x" in chosen.reason
+    assert resolve_precision("bf16", "cpu", verbose=False).name == "bf16"  # forced: obeyed
+
+
+def test_cpu_bf16_speedup_is_measured_once_and_kept(monkeypatch, tmp_path):
+    monkeypatch.undo()  # the real function, a fresh cache folder
+    monkeypatch.setenv("NETVLAD_CACHE_DIR", str(tmp_path / "cache2"))
+    calls = []
+    real = utils._time_conv
+    monkeypatch.setattr(utils, "_time_conv", lambda bf16: calls.append(bf16) or real(bf16, reps=1))
+    first = utils.cpu_bf16_speedup()
+    assert first > 0 and calls == [False, True]
+    assert utils.cpu_bf16_speedup() == first and len(calls) == 2  # read back, not measured
+    kept = list((tmp_path / "cache2" / "precision").glob("*.json"))
+    assert len(kept) == 1 and "bf16_speedup" in kept[0].read_text()
 
 
 def test_mkldnn_probe_is_not_trusted(monkeypatch):
