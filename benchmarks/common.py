@@ -1,14 +1,17 @@
 """What every benchmark script shares: where results go, and the machine's name in them."""
 
 import os
-import platform
 import re
+import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))
+
+from netvlad_tutorial.utils import cpu_model  # noqa: E402
 
 
 def device_name(device):
@@ -16,14 +19,7 @@ def device_name(device):
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     return f"{model}, {os.cpu_count()} cores"
 
 

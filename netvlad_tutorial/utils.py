@@ -114,7 +114,7 @@ def native_bf16(device):
 BF16_MIN_SPEEDUP = 1.2  # "auto" takes bf16 on a CPU only if it measured at least this much faster
 
 
-def _cpu_model():
+def cpu_model():
     """The CPU's model name (from /proc/cpuinfo), or the platform's processor string."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -149,7 +149,7 @@ def cpu_bf16_speedup():
     Zen 4 with AVX512-BF16 ran VGG16 2x faster in bf16, an Intel Xeon with AVX512-BF16 but no
     AMX 0.7x (`benchmarks/README.md`).
     """
-    key = re.sub(r"[^A-Za-z0-9]+", "-", f"{_cpu_model()}_torch{torch.__version__}"
+    key = re.sub(r"[^A-Za-z0-9]+", "-", f"{cpu_model()}_torch{torch.__version__}"
                  f"_{torch.get_num_threads()}threads").strip("-")
     path = cache_dir() / "precision" / f"{key}.json"
     try:
@@ -158,7 +158,7 @@ def cpu_bf16_speedup():
         pass
     speedup = _time_conv(False) / _time_conv(True)
     try:
-        atomic_json({"cpu": _cpu_model(), "torch": torch.__version__,
+        atomic_json({"cpu": cpu_model(), "torch": torch.__version__,
                      "threads": torch.get_num_threads(), "bf16_speedup": speedup}, path)
     except OSError:  # a read-only cache folder: measure again next time
         pass
