@@ -25,7 +25,11 @@ def test_estimate_run_closed_form(capsys):
 
 
 def test_estimate_run_pitts250k_and_max_queries():
-    est = estimate_run(PRESETS["pitts250k"], 91_464, 7_824, verbose=False)
+    # The pitts250k preset shares the pools; the reference draws are one setting away.
+    assert PRESETS["pitts250k"].negative_pool == "shared"
+    assert PRESETS["pitts30k"].negative_pool == "query"
+    est = estimate_run(PRESETS["pitts250k"].replace(negative_pool="query"), 91_464, 7_824,
+                       verbose=False)
     assert est["refreshes_per_epoch"] == math.ceil(7_824 / 1000) == 8
     assert est["cache_bytes_float16"] == 99_288 * 32_768 * 2  # 6.06 GiB
     capped = estimate_run(PRESETS["pitts250k"].replace(max_queries=1500), 91_464, 7_824,
@@ -34,8 +38,7 @@ def test_estimate_run_pitts250k_and_max_queries():
     # Mining reads 1,000 sampled + 10 cached rows of 64 KiB per query; a shared pool of
     # 1,050 rows is read once per 32 queries.
     assert est["mining_bytes_per_epoch"] == 7_824 * 1_010 * 32_768 * 2  # 482 GiB
-    shared = estimate_run(PRESETS["pitts250k"].replace(negative_pool="shared"), 91_464, 7_824,
-                          verbose=False)
+    shared = estimate_run(PRESETS["pitts250k"], 91_464, 7_824, verbose=False)
     assert shared["mining_bytes_per_epoch"] == round(7_824 * (1_050 / 32 + 10) * 32_768 * 2)
 
 
