@@ -29,7 +29,7 @@ from netvlad_tutorial.synthetic import ensure_synthetic_city  # noqa: E402
 RECIPES = [  # changes to the `tiny` preset
     {}, {"lr": 3e-2}, {"lr": 1e-1}, {"epochs": 20, "patience": 20},
     {"n_neg_sample": 300, "n_neg_dist": 100}, {"margin": 0.2}, {"margin": 0.05},
-    {"batch_size": 8}, {"batch_size": 4}, {"optimizer": "adam", "lr": 1e-3},
+    {"batch_size": 8}, {"batch_size": 2}, {"optimizer": "adam", "lr": 1e-3},
     {"optimizer": "adam", "lr": 1e-2}, {"n_neg": 8}, {"lr": 3e-2, "n_neg": 8},
 ]
 
