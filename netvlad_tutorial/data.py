@@ -19,7 +19,6 @@ from PIL import Image
 from scipy.io import loadmat, savemat
 from scipy.io.matlab import MatReadError
 from scipy.spatial import cKDTree
-from sklearn.neighbors import NearestNeighbors
 from torch.utils.data import Dataset
 from torchvision import transforms
 from tqdm import tqdm
@@ -361,6 +360,8 @@ def seed_negative_lists(db):
         (evaluation positives, training positives, negatives): three lists of `numQ` arrays,
         the negatives each as long as the database.
     """
+    from sklearn.neighbors import NearestNeighbors  # imported here: 1.7 s at import time
+
     knn = NearestNeighbors().fit(db.utmDb)
     dist, positives = knn.radius_neighbors(db.utmQ, radius=db.posDistThr)
     train = [p[d ** 2 <= db.nonTrivPosDistSqThr] for d, p in zip(dist, positives)]

@@ -12,7 +12,6 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
-from scipy.stats import binomtest
 
 from .config import PRESETS, get_preset
 from .data import eval_positives, load_split, whole_dataset
@@ -206,6 +205,8 @@ def mcnemar_exact(fixed, broken):
     """
     if fixed + broken == 0:
         return 1.0
+    from scipy.stats import binomtest  # imported here: scipy.stats takes about 1 s
+
     return float(binomtest(fixed, fixed + broken, 0.5).pvalue)
 
 

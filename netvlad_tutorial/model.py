@@ -16,7 +16,6 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.cluster import KMeans
 from torch import nn
 from torch.utils.data import Dataset
 from torchvision.models import VGG16_Weights
@@ -309,6 +308,8 @@ class _Renumbered(Dataset):
 
 def kmeans_centroids(descs, k=64, iters=100, seed=0):
     """K-means centroids (K, D) float32 of `descs` (N, D): k-means++ then `iters` Lloyd steps."""
+    from sklearn.cluster import KMeans  # imported here: scikit-learn takes 1-2 s to import
+
     km = KMeans(n_clusters=k, n_init=1, max_iter=iters, tol=0.0, random_state=seed)
     return km.fit(np.asarray(descs, dtype=np.float32)).cluster_centers_.astype(np.float32)
 

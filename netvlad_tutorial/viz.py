@@ -21,8 +21,6 @@ from matplotlib.patches import Circle, FancyArrowPatch, FancyBboxPatch
 from matplotlib.ticker import MaxNLocator, NullFormatter
 from PIL import Image
 from scipy.spatial import cKDTree
-from sklearn.decomposition import PCA
-from sklearn.manifold import TSNE
 
 from .data import (
     IMAGENET_MEAN,
@@ -350,9 +348,13 @@ def plot_descriptor_scatter(desc, labels, method="pca", seed=0, title=None, labe
     desc, labels = _numpy(desc).astype(np.float32), _numpy(labels)
     names = {"pca": "PCA", "tsne": "t-SNE"}
     if method == "pca":
+        from sklearn.decomposition import PCA  # scikit-learn only when a scatter is drawn
+
         xy = PCA(n_components=2, random_state=seed).fit_transform(desc)
     elif method == "tsne":
         perplexity = min(30.0, (len(desc) - 1) / 3)
+        from sklearn.manifold import TSNE
+
         xy = TSNE(n_components=2, perplexity=perplexity, init="pca",
                   random_state=seed).fit_transform(desc)
     else:
