@@ -242,8 +242,9 @@ def stored_local_features(encoder, dataset, batch_size=24, num_workers=0, device
                           precision=None, label="Encoding images once (frozen encoder)"):
     """`compute_local_features` in memory, kept in `cache_dir()/features` for the next run.
 
-    A frozen encoder gives the same features in every run (the course's notebooks 04, 05 and
-    06 all encode the same splits with the same random encoder), so a small array
+    A frozen encoder gives the same features in every run (the course's notebooks 02 and 06
+    encode the test split, 04 and 05 the train and val splits, all with the same random
+    encoder), so a small array
     (up to `STORED_LIMIT_MIB`) is written once, atomically, and read back by every later call
     with the same `features_key`.
 
