@@ -15,12 +15,12 @@ from collections import namedtuple
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from scipy.io import loadmat, savemat
 from scipy.io.matlab import MatReadError
 from scipy.spatial import cKDTree
 from torch.utils.data import Dataset
-from torchvision import transforms
 from tqdm import tqdm
 
 from .utils import atomic_write, display_path, measure
@@ -409,11 +409,34 @@ def format_negative_memory(result):
     return "\n".join(lines)
 
 
+class InputTransform:
+    """PIL image -> normalized float tensor (3, H, W), optionally resized to (H, W) first.
+
+    The arithmetic of torchvision's `Compose([Resize, ToTensor, Normalize])`, bit for bit
+    (a test compares them), without importing torchvision, which costs seconds per process.
+    """
+
+    def __init__(self, resize=None):
+        self.resize = tuple(resize) if resize is not None else None
+        self.mean = torch.tensor(IMAGENET_MEAN).view(-1, 1, 1)  # `mean`: (3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(-1, 1, 1)
+
+    def __call__(self, img):
+        if self.resize is not None and img.size != self.resize[::-1]:
+            img = img.resize(self.resize[::-1], Image.BILINEAR)  # PIL takes (W, H)
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        x = torch.from_numpy(np.array(img, np.uint8, copy=True))  # `x`: (H, W, 3)
+        x = x.permute(2, 0, 1).contiguous().to(torch.float32).div(255)  # `x`: (3, H, W)
+        return x.sub_(self.mean).div_(self.std)
+
+    def __repr__(self):
+        return f"InputTransform(resize={self.resize}, mean={IMAGENET_MEAN}, std={IMAGENET_STD})"
+
+
 def input_transform(resize=None):
     """PIL image -> normalized tensor (ImageNet mean/std), optionally resized to (H, W)."""
-    steps = [transforms.Resize(tuple(resize))] if resize is not None else []
-    return transforms.Compose(steps + [transforms.ToTensor(),
-                                       transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return InputTransform(resize)
 
 
 def load_image(path):

@@ -18,8 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
-from torchvision.models import VGG16_Weights
-from torchvision.models.vgg import cfgs, make_layers
 from tqdm import tqdm
 
 from . import __version__, distributed
@@ -37,7 +35,12 @@ from .utils import (
 )
 
 ENCODER_NAME = "vgg16_conv5"
-IMAGENET_URL = VGG16_Weights.IMAGENET1K_V1.url
+# torchvision's `VGG16_Weights.IMAGENET1K_V1.url` (a test checks it), named here so that the
+# package never imports torchvision: its import alone costs seconds in every process.
+IMAGENET_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+# VGG16 ("configuration D" of Simonyan & Zisserman, 2015): conv widths, "M" a 2x2 max-pool.
+VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
+                512, 512, 512, "M", 512, 512, 512, "M")
 
 
 def _autocast_off(x):
@@ -60,9 +63,20 @@ def imagenet_weights_path():
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(IMAGENET_URL).path).name
 
 
-def _vgg16_features():
-    """torchvision's `vgg16().features`, built without its 123M-parameter classifier."""
-    features = make_layers(cfgs["D"])
+def vgg16_features():
+    """torchvision's `vgg16().features`, built without its 123M-parameter classifier.
+
+    The same modules in the same order (so the same indices `features.0` ... `features.30` and
+    the same random draws for a seed) and the same initialization; a test compares them.
+    """
+    layers, channels = [], 3
+    for width in VGG16_LAYERS:
+        if width == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers += [nn.Conv2d(channels, width, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+            channels = width
+    features = nn.Sequential(*layers)
     for m in features.modules():
         if isinstance(m, nn.Conv2d):  # torchvision's VGG initialization
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -105,7 +119,7 @@ def build_encoder(weights=None, trainable=None):
     Returns:
         `nn.Sequential` with `weights_source` ("random", "imagenet" or the file) and `name`.
     """
-    encoder = _vgg16_features()[:-2]  # drop the last ReLU and pool5
+    encoder = vgg16_features()[:-2]  # drop the last ReLU and pool5
     source = "random"
     if weights == "imagenet":
         path = imagenet_weights_path()

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from matplotlib.patches import Circle, FancyArrowPatch, FancyBboxPatch
@@ -32,6 +31,7 @@ from .data import (
     load_split,
     train_positives,
 )
+from .model import vgg16_features
 from .utils import atomic_write
 
 FRAME_WIDTH = 4
@@ -675,7 +675,7 @@ def explore_queries(split, query=0, **options):
 # ---------------------------------------------------------------------------------------------
 
 def vgg16_shapes(image_size=(480, 640)):
-    """Output shape (C, H, W) of every conv and max-pool of torchvision's VGG16 `features`.
+    """Output shape (C, H, W) of every conv and max-pool of VGG16's `features`.
 
     Runs the layers on a "meta" tensor (shapes only, no memory, no weights).
 
@@ -683,7 +683,7 @@ def vgg16_shapes(image_size=(480, 640)):
         list of (name, (C, H, W)) with names conv1_1 … conv5_3 and pool1 … pool5.
     """
     with torch.device("meta"):
-        features = torchvision.models.vgg16(weights=None).features
+        features = vgg16_features()
         x = torch.empty(1, 3, *image_size)
     shapes, block, conv = [], 1, 0
     for layer in features:

@@ -265,6 +265,21 @@ def test_input_transform_matches_manual_normalization():
     assert input_transform((3, 4))(img).shape == (3, 3, 4)
 
 
+@pytest.mark.parametrize("resize", [None, (12, 16), (7, 9), (30, 41)])
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_input_transform_equals_torchvisions_bit_for_bit(resize, mode):
+    """The package does not import torchvision; its transform gives torchvision's tensors."""
+    from torchvision import transforms
+
+    pixels = np.random.default_rng(10).integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    img = Image.fromarray(pixels).convert(mode)
+    steps = [transforms.Resize(resize)] if resize is not None else []
+    theirs = transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(
+        [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    torch.testing.assert_close(input_transform(resize)(img), theirs(img.convert("RGB")),
+                               atol=0, rtol=0)
+
+
 def test_whole_dataset_is_database_then_queries(toy_root):
     root, db = toy_root
     ds = WholeDataset(root, db)

@@ -13,6 +13,7 @@ from torch import nn
 
 from netvlad_tutorial import model as M
 from netvlad_tutorial.model import (
+    IMAGENET_URL,
     EmbedNet,
     NetVLAD,
     assignment_alpha,
@@ -25,6 +26,7 @@ from netvlad_tutorial.model import (
     netvlad_loop,
     prepare_for_device,
     sample_local_descriptors,
+    vgg16_features,
 )
 from netvlad_tutorial.utils import display_path
 
@@ -65,6 +67,34 @@ def test_encoder_is_torchvision_vgg16_cut_at_conv5_3():
             fan_out = layer.out_channels * 9
             assert layer.weight.std().item() == pytest.approx(math.sqrt(2 / fan_out), rel=0.05)
             assert torch.all(layer.bias == 0)
+
+
+def test_encoder_weights_equal_torchvisions_bit_for_bit_for_a_seed():
+    """The hand-built VGG16 features: torchvision's layers, init and random draws, in order.
+
+    (`vgg16()` itself draws its classifier's weights between the layers and their kaiming
+    init, so its features differ for a seed; the reference is its `make_layers` + init.)
+    """
+    from torchvision.models.vgg import cfgs, make_layers
+
+    torch.manual_seed(3)
+    ours = vgg16_features().state_dict()
+    after_ours = torch.randn(4)
+    torch.manual_seed(3)
+    reference = make_layers(cfgs["D"])
+    for m in reference.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    theirs = reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+    assert torch.equal(after_ours, torch.randn(4))  # the same number of draws
+
+
+def test_imagenet_url_is_torchvisions():
+    assert IMAGENET_URL == torchvision.models.VGG16_Weights.IMAGENET1K_V1.url
 
 
 @pytest.mark.parametrize("size", [(64, 80), (96, 128), (120, 160)])
