@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -127,8 +128,22 @@ def squash_progress(nb):
     return nb
 
 
+def _kernel_transport(folder):
+    """Kernel sockets as files in `folder` where the OS has them (IPC): only this user's processes
+    reach the kernel, and ipykernel no longer warns once per notebook that TCP is unencrypted.
+    Elsewhere (Windows) jupyter's default, TCP on 127.0.0.1."""
+    from traitlets.config import Config
+
+    config = Config()
+    if os.name == "posix":
+        config.KernelManager.transport = "ipc"
+        config.KernelManager.ip = str(Path(folder) / "kernel")
+    return config
+
+
 def run_notebooks(paths, timeout=1200):
     """Execute each notebook in place (working directory: its folder), keeping the outputs."""
+    import tempfile
     import time
 
     import nbformat
@@ -140,10 +155,12 @@ def run_notebooks(paths, timeout=1200):
         start = time.perf_counter()
         nb = nbformat.read(path, as_version=4)
         # `display_page`: `%psource` output is stored in the notebook, not sent to a pager.
-        client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                                resources={"metadata": {"path": str(path.parent)}},
-                                extra_arguments=["--InteractiveShell.display_page=True"])
-        client.execute()
+        with tempfile.TemporaryDirectory(prefix="netvlad-kernel-") as sockets:
+            client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                                    config=_kernel_transport(sockets),
+                                    resources={"metadata": {"path": str(path.parent)}},
+                                    extra_arguments=["--InteractiveShell.display_page=True"])
+            client.execute()
         text = nbformat.writes(squash_progress(nb))
         atomic_write(path, text if text.endswith("\n") else text + "\n")
         print(f"{path}: executed in {time.perf_counter() - start:.0f} s")

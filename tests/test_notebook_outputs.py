@@ -83,3 +83,33 @@ def test_squash_progress_keeps_what_a_terminal_shows():
     assert [(o["name"], o["text"]) for o in out] == [
         ("stderr", "Caching: 100%|##| 3/3\n"), ("stdout", "epoch 0\n"),
         ("stderr", "Mining: 100%|##| 2/2\n")]  # a cleared bar (leave=False) leaves nothing
+
+
+def test_run_notebooks_executes_in_place_quietly_and_leaves_no_socket_files(tmp_path):
+    """`run-notebooks` (what `make tutorial` calls) stores the outputs and execution counts, runs
+    the kernel in the notebook's folder, prints one line per notebook and nothing else: on POSIX
+    the kernel's sockets are files in a private temporary folder, so ipykernel has no
+    unencrypted-TCP warning to print and no socket file is left beside the notebook."""
+    import subprocess
+    import sys
+
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    source = "import os\nprint(6 * 7, os.path.basename(os.getcwd()))"
+    nb.cells = [nbformat.v4.new_code_cell(source)]
+    folder = tmp_path / "course"
+    folder.mkdir()
+    path = folder / "tiny.ipynb"
+    path.write_text(nbformat.writes(nb), encoding="utf-8")
+    run = subprocess.run([sys.executable, "-m", "netvlad_tutorial", "run-notebooks", str(path)],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    cell = nbformat.read(path, as_version=4).cells[0]
+    assert cell.execution_count == 1
+    assert [o.get("text") for o in cell.outputs] == ["42 course\n"]
+    assert run.stdout.startswith(f"{path}: executed in "), run.stdout
+    assert run.stdout.count("\n") == 1, run.stdout
+    if os.name == "posix":
+        assert "without encryption" not in run.stderr, run.stderr
+        assert sorted(p.name for p in folder.iterdir()) == ["tiny.ipynb"]
