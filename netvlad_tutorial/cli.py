@@ -107,16 +107,17 @@ def _terminal_text(text):
 
 
 def squash_progress(nb):
-    """Merge each code cell's consecutive stderr outputs and keep what a terminal would show:
-    a progress bar ends as one line in the stored notebook, as it does in a terminal."""
+    """Merge each code cell's consecutive outputs of one stream (as Jupyter shows them: a line
+    printed in two chunks stays one line on GitHub) and keep what a terminal would show of
+    stderr: a progress bar ends as one line in the stored notebook, as it does in a terminal."""
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
         outputs = []
         for out in cell.get("outputs", []):
-            if (out.get("output_type") == "stream" and out.get("name") == "stderr" and outputs
+            if (out.get("output_type") == "stream" and outputs
                     and outputs[-1].get("output_type") == "stream"
-                    and outputs[-1].get("name") == "stderr"):
+                    and outputs[-1].get("name") == out.get("name")):
                 outputs[-1]["text"] += out["text"]
             else:
                 outputs.append(out)

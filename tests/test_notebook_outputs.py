@@ -77,12 +77,15 @@ def test_squash_progress_keeps_what_a_terminal_shows():
         nbformat.v4.new_output("stream", name="stdout", text="epoch 0\n"),
         nbformat.v4.new_output("stream", name="stderr", text="Training: 50%\r        \r"),
         nbformat.v4.new_output("stream", name="stderr", text="Mining: 100%|##| 2/2\n"),
+        nbformat.v4.new_output("stream", name="stdout", text="neg_counts:"),
+        nbformat.v4.new_output("stream", name="stdout", text=" [4, 4]\r\n"),
     ]
     nb.cells.append(cell)
     out = squash_progress(nb).cells[0].outputs
     assert [(o["name"], o["text"]) for o in out] == [
         ("stderr", "Caching: 100%|##| 3/3\n"), ("stdout", "epoch 0\n"),
-        ("stderr", "Mining: 100%|##| 2/2\n")]  # a cleared bar (leave=False) leaves nothing
+        ("stderr", "Mining: 100%|##| 2/2\n"),  # a cleared bar (leave=False) leaves nothing
+        ("stdout", "neg_counts: [4, 4]\r\n")]  # one line printed in two chunks; stdout as is
 
 
 def test_run_notebooks_executes_in_place_quietly_and_leaves_no_socket_files(tmp_path):
