@@ -484,14 +484,18 @@ def _street_grid(rng, num_streets, block, corner):
             for e in chosen]
 
 
-def _make_street(rng, styles, origin, direction, length, ppm):
-    """A street of `length` metres with random width, pavement and facade rows."""
+def _make_street(rng, styles, origin, direction, length, ppm, right_styles=None):
+    """A street of `length` metres with random width, pavement and facade rows.
+
+    Args:
+        styles: the styles the buildings are drawn from (both rows, unless `right_styles`).
+    """
     half_width = float(rng.uniform(7.0, 10.0))
     x0, extent = -FACADE_EXTENT, length + 2 * FACADE_EXTENT
     return Street(origin=origin, direction=direction, half_width=half_width,
                   road_half_width=half_width - float(rng.uniform(2.5, 4.0)),
                   left=draw_facade_row(rng, styles, x0, extent, ppm),
-                  right=draw_facade_row(rng, styles, x0, extent, ppm),
+                  right=draw_facade_row(rng, right_styles or styles, x0, extent, ppm),
                   x0=x0, ppm=ppm,
                   asphalt=np.array(_jitter(rng, (85, 85, 90), 10), np.float32),
                   sidewalk=np.array(_jitter(rng, (160, 155, 150), 15), np.float32))
