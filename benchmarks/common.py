@@ -14,13 +14,30 @@ sys.path.insert(0, str(ROOT))
 from netvlad_tutorial.utils import cpu_model  # noqa: E402
 
 
+def cpu_family_model():
+    """"family F model M" of the CPU from /proc/cpuinfo (x86), or None.
+
+    Some machines name every AMD EPYC generation alike; family and model tell them apart
+    (family 25: model 1 is Zen 3, model 17 is Zen 4).
+    """
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text()
+                      .split("\n\n")[0].splitlines() if ":" in line)
+    except OSError:
+        return None
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    if "cpu family" not in fields or "model" not in fields:
+        return None
+    return f"family {fields['cpu family']} model {fields['model']}"
+
+
 def device_name(device):
-    """The GPU's name, or the CPU's model name and core count."""
+    """The GPU's name, or the CPU's model name, family and model, and core count."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = cpu_model()
-    return f"{model}, {os.cpu_count()} cores"
+    family = cpu_family_model()
+    return f"{cpu_model()}{f' ({family})' if family else ''}, {os.cpu_count()} cores"
 
 
 def slugify(text):

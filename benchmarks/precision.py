@@ -6,7 +6,8 @@ picks here with its reason, so the choice can be checked against the figures:
     python benchmarks/precision.py                 # 96x128, batch 8, torch's default threads
     python benchmarks/precision.py --size 480 640 --batch 4
 
-bf16 instructions do not make bf16 faster on every CPU: see README, "Precision and speed".
+bf16 instructions do not make bf16 faster on every CPU: see GUIDE.md, "Precision and speed on
+your CPU"; the figures per CPU are in RESULTS.md.
 """
 
 import argparse

@@ -1,8 +1,14 @@
-"""Speed: the cache pass and a training step, the reference formulation vs the project's path.
+"""Speed: the package's cache pass and training step against the reference, in one run.
 
-    python benchmarks/speed.py [--device cuda|cpu] [--json] [--no-save]
+    python benchmarks/speed.py [--device cuda|cpu] [--json] [--no-save] [--gpu-extras]
 
-Method and figures: `benchmarks/README.md`. Every figure printed is measured in this run.
+The package's variants call its own code: `features.compute_descriptors` (the one inference
+loop, `features.run_inference`) and `train.train_step`. The reference is a Nanne-style loop.
+`gpu_extras` (CUDA only by default) is not the package: a pipeline of this script with uint8
+input normalized on the device, a device-side cache, `torch.compile` and nvjpeg.
+
+Method: `benchmarks/README.md`; figures per CPU: `RESULTS.md`. Every figure printed is measured
+in this run.
 """
 
 import argparse
@@ -31,6 +37,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]  # `common` and the package, from a
 
 from common import RESULTS_DIR, ROOT, device_name, slugify  # noqa: E402
 
+from netvlad_tutorial.config import TrainConfig  # noqa: E402
 from netvlad_tutorial.data import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -40,7 +47,7 @@ from netvlad_tutorial.data import (  # noqa: E402
     load_image,
     load_split,
 )
-from netvlad_tutorial.features import run_inference  # noqa: E402
+from netvlad_tutorial.features import compute_descriptors, run_inference  # noqa: E402
 from netvlad_tutorial.mining import triplet_loss  # noqa: E402
 from netvlad_tutorial.model import (  # noqa: E402
     assignment_alpha,
@@ -50,6 +57,7 @@ from netvlad_tutorial.model import (  # noqa: E402
     prepare_for_device,
 )
 from netvlad_tutorial.synthetic import make_synthetic_city  # noqa: E402
+from netvlad_tutorial.train import make_optimizer, train_step  # noqa: E402
 from netvlad_tutorial.utils import (  # noqa: E402
     Precision,
     atomic_write,
@@ -60,7 +68,7 @@ from netvlad_tutorial.utils import (  # noqa: E402
 )
 
 # ---------------------------------------------------------------------------------------------
-# Speed: cache pass and training step, the reference formulation vs the project's path
+# Speed: cache pass and training step, the reference formulation vs the package
 # ---------------------------------------------------------------------------------------------
 
 NUM_CLUSTERS = 64  # K; D = 512 from VGG16 conv5
@@ -69,7 +77,7 @@ SPEED_DEFAULTS = {  # image size (H, W), images in the cache pass, batch size, t
     "cuda": {"image_size": (480, 640), "num_images": 4096, "batch_size": 64, "train_steps": 10},
     "cpu": {"image_size": (120, 160), "num_images": 96, "batch_size": 16, "train_steps": 2},
 }
-TARGETS = {  # the minimum speedups (and GPU throughput, training memory) the project aims at
+TARGETS = {  # the minimum speedups (and GPU throughput, training memory) the package aims at
     "cuda": {"cache_img_per_s": 1800, "cache_speedup": 3.5, "train_speedup": 3.5,
              "train_peak_mem_mb": 8192, "cosine_min": 0.999},
     "cpu": {"cache_speedup": 2.0, "train_speedup": 2.0, "cosine_min": 0.999},
@@ -98,27 +106,36 @@ class LoopNetVLAD(nn.Module):
 
 
 def variant_settings(name, device, compile=None, gpu_decode=None, precision="auto"):
-    """The levers of the "reference" or "project" variant on `device` (a plain dict).
+    """The levers of the "reference", "package" or "gpu_extras" variant on `device` (a dict).
+
+    "package" runs the package's own code; "reference" and "gpu_extras" run this script's
+    loops (`pipeline: "script"`).
 
     Args:
-        compile: `torch.compile` the project's encoder; default: on CUDA.
-        gpu_decode: decode the project's JPEGs with nvjpeg on the GPU; default: on CUDA.
-        precision: the project's "auto", "fp32" or "bf16" (`utils.resolve_precision`).
+        compile: `torch.compile` the gpu_extras encoder; default: on CUDA.
+        gpu_decode: decode the gpu_extras JPEGs with nvjpeg on the GPU; default: on CUDA.
+        precision: "auto", "fp32" or "bf16" (`utils.resolve_precision`) of the package and
+            gpu_extras variants.
     """
     cuda = torch.device(device).type == "cuda"
     if name == "reference":  # Nanne: fp32, NCHW, loop NetVLAD, PIL workers, .cpu() per batch
-        return {"precision": "fp32", "amp": False, "channels_last": False, "pool": "loop",
-                "decode": "pil", "pin_memory": False, "cudnn_benchmark": False,
-                "device_cache": False, "compile": False}
-    if name != "project":
-        raise ValueError(f"unknown variant {name!r}; expected 'reference' or 'project'")
+        return {"pipeline": "script", "precision": "fp32", "amp": False,
+                "channels_last": False, "pool": "loop", "decode": "pil", "pin_memory": False,
+                "cudnn_benchmark": False, "device_cache": False, "compile": False}
+    if name not in ("package", "gpu_extras"):
+        raise ValueError(f"unknown variant {name!r}; expected 'reference', 'package' or "
+                         "'gpu_extras'")
+    chosen = resolve_precision(precision, device, verbose=False)
+    common = {"precision": chosen.name, "precision_reason": chosen.reason, "amp": chosen.bf16,
+              "channels_last": chosen.channels_last, "pool": "vectorized"}
+    if name == "package":  # what `features.run_inference` and `train.train_step` do
+        return {"pipeline": "package", **common, "decode": "pil", "pin_memory": cuda,
+                "cudnn_benchmark": False, "device_cache": False, "compile": False}
     compile = cuda and hasattr(torch, "compile") if compile is None else compile
     gpu_decode = cuda if gpu_decode is None else gpu_decode and cuda
-    chosen = resolve_precision(precision, device, verbose=False)
-    return {"precision": chosen.name, "precision_reason": chosen.reason, "amp": chosen.bf16,
-            "channels_last": chosen.channels_last, "pool": "vectorized",
-            "decode": "nvjpeg" if gpu_decode else "pil-uint8", "pin_memory": cuda,
-            "cudnn_benchmark": cuda, "device_cache": True, "compile": bool(compile)}
+    return {"pipeline": "script", **common, "decode": "nvjpeg" if gpu_decode else "pil-uint8",
+            "pin_memory": cuda, "cudnn_benchmark": cuda, "device_cache": True,
+            "compile": bool(compile)}
 
 
 # --- Images -----------------------------------------------------------------------------------
@@ -291,58 +308,65 @@ def _call_with_fallback(fn, model, info):
         return fn()
 
 
-def cache_pass(model, paths, device, batch_size, settings, num_workers, info):
-    """Images/s from JPEG files to descriptors in a preallocated float16 cache, and the cache.
+def script_cache_pass(model, paths, device, batch_size, settings, num_workers):
+    """(N, K*D) float16 cache of the images at `paths` by this script's loop (no timing).
 
-    The first batch is a warm-up (compilation, cuDNN autotuning, worker start): the clock starts
-    when it is done and counts every later image, up to the cache on the host.
-
-    Returns:
-        (images per second, the (N, K*D) float16 cache on the host).
+    The reference copies each batch to a host cache; gpu_extras fills a cache on the device
+    and copies it to the host once at the end.
     """
     n = len(paths)
     cache_device = device if settings["device_cache"] else torch.device("cpu")
     cache = torch.empty(n, model.out_dim, dtype=torch.float16, device=cache_device)
-    batches = image_batches(paths, device, batch_size, settings, num_workers)
     model.eval()
-    t0, start, row = time.perf_counter(), None, 0
+    row = 0
     with torch.no_grad():
-        for x in tqdm(batches, total=-(-n // batch_size), desc="cache pass", unit="batch",
-                      leave=False):
-            def encode(x=x):
-                with autocast(device, settings["amp"]):
-                    return model(x)  # (B, K*D) float32
-
-            v = _call_with_fallback(encode, model, info) if start is None else encode()
-            # the reference copies each batch to the host; the project keeps the cache on device
+        for x in tqdm(image_batches(paths, device, batch_size, settings, num_workers),
+                      total=-(-n // batch_size), desc="cache pass", unit="batch", leave=False):
+            with autocast(device, settings["amp"]):
+                v = model(x)  # (B, K*D) float32
             cache[row:row + len(v)] = v if settings["device_cache"] else v.cpu()
             row += len(v)
-            if start is None:
-                _sync(device)
-                info["cache_warmup_s"] = time.perf_counter() - t0
-                start, first = time.perf_counter(), row
-    cache = cache.cpu()  # waits for the device
-    seconds = time.perf_counter() - start
-    if row <= first:
-        raise ValueError(f"{n} images in batches of {batch_size}: need at least two batches")
-    return (row - first) / seconds, cache
+    return cache.cpu()  # waits for the device
 
 
-def train_pass(model, images, device, amp, steps, info, warmup_steps=1):
-    """Tuples/s of training steps on 4 tuples x 12 images: forward, backward, SGD step.
+def package_cache_pass(model, paths, device, batch_size, settings, num_workers):
+    """(N, K*D) float16 cache of the images at `paths` by `features.compute_descriptors`."""
+    precision = resolve_precision(settings["precision"], device, verbose=False)
+    dataset = JpegFiles(paths, input_transform())  # items (image (3, H, W), index)
+    return torch.from_numpy(compute_descriptors(model, dataset, batch_size, num_workers, device,
+                                                precision, label="cache pass (package)"))
 
-    `warmup_steps` untimed steps (compilation, cuDNN autotuning), then `steps` timed ones.
-    Trains what requires grad (conv5 and NetVLAD).
 
-    Args:
-        images: (48, 3, H, W) on `device`, per tuple a query, a positive and 10 negatives.
+def timed_cache_pass(encode, model, paths, device, batch_size, info):
+    """Images/s of `encode(paths)` over all `paths`, and its cache.
+
+    A warm-up call on the first batch comes first (compilation, cuDNN autotuning); the timed
+    call then counts every image, DataLoader start included, up to the cache on the host.
     """
+    t0 = time.perf_counter()
+    _call_with_fallback(lambda: encode(paths[:batch_size]), model, info)
+    _sync(device)
+    info["cache_warmup_s"] = time.perf_counter() - t0
+    start = time.perf_counter()
+    cache = encode(paths)  # (N, K*D) float16 on the host
+    return len(paths) / (time.perf_counter() - start), cache
+
+
+def tuple_batch(images):
+    """The 48 images (4 tuples x 12, each a query, a positive, 10 negatives) as `collate_fn`
+    gives them: (query, positive, negatives, neg_counts, indices)."""
+    t = images.view(TUPLES, TUPLE_SIZE, *images.shape[1:])  # (4, 12, 3, H, W)
+    neg_counts = torch.full((TUPLES,), TUPLE_SIZE - 2, dtype=torch.long)
+    return t[:, 0], t[:, 1], t[:, 2:].flatten(0, 1), neg_counts, list(range(TUPLES))
+
+
+def script_train_step(model, images, device, settings):
+    """One training step of this script's loop on `images` (48, 3, H, W): a function."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=1e-3)
-    model.train()
 
     def step():
-        with autocast(device, amp):
+        with autocast(device, settings["amp"]):
             v = model(images).view(TUPLES, TUPLE_SIZE, -1)  # `v`: (4, 12, K*D)
         negs = v[:, 2:].flatten(0, 1)  # (40, K*D)
         loss = triplet_loss(v[:, 0], v[:, 1], negs, TUPLE_SIZE - 2)  # an int: no host sync
@@ -350,6 +374,28 @@ def train_pass(model, images, device, amp, steps, info, warmup_steps=1):
         loss.backward()
         opt.step()
 
+    return step
+
+
+def package_train_step(model, images, device, settings):
+    """One `train.train_step` on `images` (48, 3, H, W) as a batch of 4 tuples: a function.
+
+    The same SGD settings as the reference (`TrainConfig`'s defaults: lr 1e-4, momentum 0.9,
+    weight decay 1e-3) and the package's optimizer (`train.make_optimizer`).
+    """
+    config = TrainConfig(precision=settings["precision"], trainable="conv5")
+    optimizer, _ = make_optimizer(config, model)
+    batch = tuple_batch(images)
+    return lambda: train_step(model, batch, optimizer, config, device)
+
+
+def train_pass(step, model, device, steps, info, warmup_steps=1):
+    """Tuples/s of `step()`, one training step on 4 tuples x 12 images.
+
+    `warmup_steps` untimed steps (compilation, cuDNN autotuning), then `steps` timed ones.
+    Trains what requires grad (conv5 and NetVLAD).
+    """
+    model.train()
     t0 = time.perf_counter()
     for i in range(warmup_steps):
         _call_with_fallback(step, model, info) if i == 0 else step()
@@ -427,6 +473,7 @@ def run_variant(config):
     """
     device = torch.device(config["device"])
     settings = dict(config["settings"])
+    package = settings["pipeline"] == "package"
     info = {"settings": settings}
     cudnn_benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = settings["cudnn_benchmark"]
@@ -436,7 +483,10 @@ def run_variant(config):
         model.load_state_dict(torch.load(config["state_path"], weights_only=True))
         if settings["pool"] == "loop":
             model.pool = LoopNetVLAD(model.pool)
-        prepare_for_device(model, device, fast=settings["channels_last"])
+        if package:
+            model.to(device)  # as `model.make_model`
+        else:
+            prepare_for_device(model, device, fast=settings["channels_last"])
         if settings["decode"] == "nvjpeg":
             error = gpu_decode_error(config["paths"][0], device)
             if error:
@@ -450,9 +500,11 @@ def run_variant(config):
                 info["compile_error"] = f"{type(e).__name__}: {e}"[:500]
         info["rss_start_mb"] = _rss_mb()
         _reset_peak(device)
-        info["cache_img_per_s"], cache = cache_pass(
-            model, config["paths"], device, config["batch_size"], settings,
-            config["num_workers"], info)
+        cache_fn = package_cache_pass if package else script_cache_pass
+        info["cache_img_per_s"], cache = timed_cache_pass(
+            lambda paths: cache_fn(model, paths, device, config["batch_size"], settings,
+                                   config["num_workers"]),
+            model, config["paths"], device, config["batch_size"], info)
         info["cache_peak_mem_mb"] = _peak_mb(device)
         num_cosine = config["num_cosine"]
         np.save(config["desc_path"], cache[:num_cosine].float().numpy())
@@ -462,11 +514,14 @@ def run_variant(config):
             np.save(config["same_input_path"], encode_images(
                 model, images, device, config["batch_size"], settings))
         paths = [config["paths"][i % len(config["paths"])] for i in range(TUPLES * TUPLE_SIZE)]
-        fmt = torch.channels_last if settings["channels_last"] else torch.contiguous_format
-        images = load_images(paths).to(device).contiguous(memory_format=fmt)  # (48, 3, H, W)
+        images = load_images(paths).to(device)  # (48, 3, H, W)
+        if not package:
+            fmt = torch.channels_last if settings["channels_last"] else torch.contiguous_format
+            images = images.contiguous(memory_format=fmt)
+        step_fn = package_train_step if package else script_train_step
         _reset_peak(device)
-        info["train_tuples_per_s"] = train_pass(model, images, device, settings["amp"],
-                                                config["train_steps"], info,
+        info["train_tuples_per_s"] = train_pass(step_fn(model, images, device, settings), model,
+                                                device, config["train_steps"], info,
                                                 config["warmup_steps"])
         info["train_peak_mem_mb"] = _peak_mb(device)
     finally:
@@ -514,30 +569,35 @@ def _versions(device):
     return versions
 
 
+PACKAGE_VARIANTS = ("package_fp32", "package")  # the package in fp32, and as `precision` picks
+
+
 def bench_speed(device=None, image_size=None, num_images=None, batch_size=None,
                 train_steps=None, warmup_steps=1, compile=None, gpu_decode=None, num_workers=None,
-                image_dir=None, isolate=True, num_cosine=64, seed=0, precision="auto"):
-    """The reference and the project measured one after the other on the same images.
+                image_dir=None, isolate=True, num_cosine=64, seed=0, precision="auto",
+                gpu_extras=None):
+    """The reference and the package measured one after the other on the same images.
 
-    The project runs twice: in fp32 (`project_fp32`) and in the precision `precision` chooses
-    (`project`; "auto": bf16 only where the device computes it natively), so a CPU without
-    native bf16 shows that "auto" is no slower than fp32, and one with AMX shows the gain.
+    The package runs twice: in fp32 (`package_fp32`) and in the precision `precision` chooses
+    (`package`; "auto": bf16 only where the device computes it natively), so a CPU without
+    native bf16 shows that "auto" is no slower than fp32, and one with native bf16 the gain.
 
     Args:
         device: "cuda" or "cpu"; default: CUDA if available. `None` arguments take the
             device's `SPEED_DEFAULTS`.
         num_images: images in the cache pass, rounded up to whole batches.
         train_steps, warmup_steps: timed and untimed training steps.
-        compile, gpu_decode: project levers (see `variant_settings`).
-        num_workers: DataLoader workers of both variants; default min(8, CPU count).
+        compile, gpu_decode: levers of the gpu_extras variant (see `variant_settings`).
+        num_workers: DataLoader workers of every variant; default min(8, CPU count).
         image_dir: time these JPEG files (same size) instead of a synthetic city.
         isolate: each variant in a fresh process (honest peak memory; slower to start).
-        num_cosine: images whose reference and project descriptors are compared (rounded up
+        num_cosine: images whose reference and package descriptors are compared (rounded up
             to whole batches: a compiled encoder sees no new batch shape).
+        gpu_extras: also run the `gpu_extras` variant (not the package); default: on CUDA.
 
     Returns:
-        the JSON-ready result: device, versions, settings, "reference" and "project" figures,
-        speedups, descriptor cosine similarity and the issue's targets met or not.
+        the JSON-ready result: device, versions, settings, each variant's figures, speedups
+        against the reference, descriptor cosine similarity and the targets met or not.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type not in SPEED_DEFAULTS:
@@ -548,6 +608,7 @@ def bench_speed(device=None, image_size=None, num_images=None, batch_size=None,
     num_images = -(-(num_images or defaults["num_images"]) // batch_size) * batch_size
     train_steps = train_steps or defaults["train_steps"]
     num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
+    gpu_extras = device.type == "cuda" if gpu_extras is None else gpu_extras
     paths = bench_images(num_images, image_size, image_dir, seed)
     image_size = tuple(pil_to_tensor(load_image(paths[0])).shape[1:])
     native, why = native_bf16(device)
@@ -560,12 +621,15 @@ def bench_speed(device=None, image_size=None, num_images=None, batch_size=None,
               "train_steps": train_steps, "warmup_steps": warmup_steps,
               "num_workers": num_workers, "num_clusters": NUM_CLUSTERS, "dim": 512,
               "isolated": isolate, "load_avg": list(os.getloadavg())}
+    variants = {"reference": ("reference", "fp32"), "package_fp32": ("package", "fp32"),
+                "package": ("package", precision)}
+    if gpu_extras:
+        variants["gpu_extras"] = ("gpu_extras", precision)
+    result["variants"] = list(variants)
     with tempfile.TemporaryDirectory(prefix="netvlad_bench_") as workdir:
         state_path = Path(workdir) / "state.pt"
         result["init"] = make_bench_state(paths, device, state_path, seed=seed)
         descs = {}
-        variants = {"reference": ("reference", "fp32"), "project_fp32": ("project", "fp32"),
-                    "project": ("project", precision)}
         for name, (kind, variant_precision) in variants.items():
             config = {"name": name, "device": str(device), "paths": [str(p) for p in paths],
                       "settings": variant_settings(kind, device, compile, gpu_decode,
@@ -586,19 +650,22 @@ def bench_speed(device=None, image_size=None, num_images=None, batch_size=None,
                 same_input = Path(config["same_input_path"])
                 descs[name + "_same_input"] = np.load(same_input if same_input.exists()
                                                       else config["desc_path"])
-    ref, proj, fp32 = result["reference"], result["project"], result["project_fp32"]
-    if not any("error" in r for r in (ref, proj, fp32)):
-        # the same decoded pixels, then each variant's own whole pipeline (decoder included)
-        result["cosine"] = _cosine(descs["reference"], descs["project_same_input"])
-        result["cosine_end_to_end"] = _cosine(descs["reference"], descs["project"])
-        for key, variant in (("speedup", proj), ("speedup_fp32", fp32)):
-            result[key] = {
-                "cache": variant["cache_img_per_s"] / ref["cache_img_per_s"],
-                "train": variant["train_tuples_per_s"] / ref["train_tuples_per_s"],
-                "peak_mem_ratio": ref["peak_mem_mb"] / variant["peak_mem_mb"]}
+    if not any("error" in result[name] for name in variants):
+        ref = result["reference"]
+        result["speedup"], result["cosine"], result["cosine_end_to_end"] = {}, {}, {}
+        for name in list(variants)[1:]:
+            v = result[name]
+            result["speedup"][name] = {
+                "cache": v["cache_img_per_s"] / ref["cache_img_per_s"],
+                "train": v["train_tuples_per_s"] / ref["train_tuples_per_s"],
+                "peak_mem_ratio": ref["peak_mem_mb"] / v["peak_mem_mb"]}
+            # the same decoded pixels, then each variant's own whole pipeline (decoder included)
+            result["cosine"][name] = _cosine(descs["reference"], descs[name + "_same_input"])
+            result["cosine_end_to_end"][name] = _cosine(descs["reference"], descs[name])
+        pkg, fp32 = result["package"], result["package_fp32"]
         result["auto_vs_fp32"] = {
-            "cache": proj["cache_img_per_s"] / fp32["cache_img_per_s"],
-            "train": proj["train_tuples_per_s"] / fp32["train_tuples_per_s"]}
+            "cache": pkg["cache_img_per_s"] / fp32["cache_img_per_s"],
+            "train": pkg["train_tuples_per_s"] / fp32["train_tuples_per_s"]}
         result["targets"] = check_targets(result)
     return result
 
@@ -610,12 +677,12 @@ def _cosine(a, b):
 
 
 def check_targets(result):
-    """The issue's targets for this device: {name: {"target", "measured", "met"}}."""
-    measured = {"cache_img_per_s": result["project"]["cache_img_per_s"],
-                "cache_speedup": result["speedup"]["cache"],
-                "train_speedup": result["speedup"]["train"],
-                "train_peak_mem_mb": result["project"].get("train_peak_mem_mb"),
-                "cosine_min": result["cosine"]["min"]}
+    """The targets for this device, on the package variant: {name: {target, measured, met}}."""
+    measured = {"cache_img_per_s": result["package"]["cache_img_per_s"],
+                "cache_speedup": result["speedup"]["package"]["cache"],
+                "train_speedup": result["speedup"]["package"]["train"],
+                "train_peak_mem_mb": result["package"].get("train_peak_mem_mb"),
+                "cosine_min": result["cosine"]["package"]["min"]}
     out = {}
     for name, target in TARGETS[result["device"]].items():
         value = measured[name]
@@ -636,54 +703,57 @@ def save_results(result, out_dir=RESULTS_DIR):
 
 
 def format_speed(result):
-    """The `bench_speed` result as a side-by-side table."""
+    """The `bench_speed` result as a side-by-side table: every variant and the reference."""
     h, w = result["image_size"]
     lines = [f"Speed on {result['device']} ({result['device_name']}), torch {result['torch']}: "
              f"{result['num_images']} images of {h}x{w}, batch {result['batch_size']}, "
              f"training {result['train_batch']}"]
     lines.append(f"native bf16: {result['native_bf16']} ({result['native_bf16_reason']})")
-    ref, proj, fp32 = result["reference"], result["project"], result["project_fp32"]
-    for name, r in (("reference", ref), ("project_fp32", fp32), ("project", proj)):
-        if "error" in r:
-            lines.append(f"{name} FAILED:\n{r['error']}")
+    names = result["variants"]
+    for name in names:
+        if "error" in result[name]:
+            lines.append(f"{name} FAILED:\n{result[name]['error']}")
     if "speedup" not in result:
         return "\n".join(lines)
     memory = "GPU memory allocated" if result["device"] == "cuda" else "RSS of the process"
-    rows = [("cache pass (images/s)", "cache_img_per_s", result["speedup"]["cache"], ".1f"),
-            ("training (tuples/s)", "train_tuples_per_s", result["speedup"]["train"], ".2f"),
+    rows = [("cache pass (images/s)", "cache_img_per_s", "cache", ".1f"),
+            ("training step (tuples/s)", "train_tuples_per_s", "train", ".2f"),
             (f"peak memory (MiB, {memory})", "peak_mem_mb", None, ".0f")]
     if result["device"] == "cuda":
         rows += [("  of which cache pass", "cache_peak_mem_mb", None, ".0f"),
                  ("  of which training", "train_peak_mem_mb", None, ".0f")]
-    auto = f"{proj['settings']['precision']} (auto)"
-    lines.append(f"{'figure':<36}{'reference':>11}{'fp32':>10}{auto:>13}{'fp32/ref':>10}"
-                 f"{'auto/ref':>10}")
-    fp32_speedups = {"cache_img_per_s": result["speedup_fp32"]["cache"],
-                     "train_tuples_per_s": result["speedup_fp32"]["train"]}
-    for label, key, speedup, fmt in rows:
-        ratio = f"{speedup:.2f}x" if speedup is not None else ""
-        ratio32 = f"{fp32_speedups[key]:.2f}x" if key in fp32_speedups else ""
-        lines.append(f"{label:<36}{ref[key]:>11{fmt}}{fp32[key]:>10{fmt}}{proj[key]:>13{fmt}}"
-                     f"{ratio32:>10}{ratio:>10}")
-    cos, s = result["cosine"], proj["settings"]
-    lines.append(f"descriptor cosine, reference vs project ({cos['num_images']} images, same "
-                 f"decoded pixels): mean {cos['mean']:.6f}, min {cos['min']:.6f}")
-    e2e = result["cosine_end_to_end"]
-    if s["decode"] == "nvjpeg":
-        lines.append(f"  end to end, each variant's own JPEG decoder: mean {e2e['mean']:.6f}, "
-                     f"min {e2e['min']:.6f}")
-    lines.append(f"project, auto: {s['precision']} ({s['precision_reason']})")
-    lines.append(f"project: {'bf16 autocast, ' if s['amp'] else ''}channels_last, vectorized "
-                 f"NetVLAD, decode {s['decode']}, compile "
-                 f"{'on' if proj.get('compiled') else 'off'}"
-                 f"{', cudnn.benchmark, pinned memory' if s['cudnn_benchmark'] else ''}")
-    for key in ("gpu_decode_error", "compile_error"):
-        if key in proj:
-            lines.append(f"  ({key}: {proj[key]})")
-    lines.append("reference: fp32, NCHW, per-cluster loop NetVLAD, PIL in "
+    others = names[1:]
+    lines.append(f"{'figure':<34}" + "".join(f"{n:>14}" for n in names)
+                 + "".join(f"{n + '/ref':>18}" for n in others))
+    for label, key, ratio, fmt in rows:
+        line = f"{label:<34}" + "".join(f"{result[n][key]:>14{fmt}}" for n in names)
+        if ratio is not None:
+            line += "".join(f"{result['speedup'][n][ratio]:>17.2f}x" for n in others)
+        lines.append(line)
+    for name in others:
+        cos, e2e = result["cosine"][name], result["cosine_end_to_end"][name]
+        lines.append(f"descriptor cosine, reference vs {name} ({cos['num_images']} images, same "
+                     f"decoded pixels): mean {cos['mean']:.6f}, min {cos['min']:.6f}")
+        if result[name]["settings"]["decode"] == "nvjpeg":
+            lines.append(f"  end to end, its own JPEG decoder: mean {e2e['mean']:.6f}, "
+                         f"min {e2e['min']:.6f}")
+    s = result["package"]["settings"]
+    lines.append("reference: this script's loop: fp32, NCHW, per-cluster loop NetVLAD, PIL in "
                  f"{result['num_workers']} DataLoader workers, .cpu() per batch")
+    lines.append("package: features.compute_descriptors and train.train_step; "
+                 f"auto = {s['precision']} ({s['precision_reason']})")
+    if "gpu_extras" in result:
+        g = result["gpu_extras"]
+        lines.append(f"gpu_extras (this script, not the package): "
+                     f"{'bf16 autocast, ' if g['settings']['amp'] else ''}channels_last, "
+                     f"decode {g['settings']['decode']}, device-side cache, compile "
+                     f"{'on' if g.get('compiled') else 'off'}"
+                     f"{', cudnn.benchmark' if g['settings']['cudnn_benchmark'] else ''}")
+        for key in ("gpu_decode_error", "compile_error"):
+            if key in g:
+                lines.append(f"  ({key}: {g[key]})")
     for name, t in result["targets"].items():
-        lines.append(f"target {name} {'<=' if name.endswith('_mem_mb') else '>='} "
+        lines.append(f"target (package) {name} {'<=' if name.endswith('_mem_mb') else '>='} "
                      f"{t['target']}: {t['measured']:.4g} {'met' if t['met'] else 'NOT met'}")
     return "\n".join(lines)
 
@@ -696,11 +766,11 @@ def _run_speed(args):
                          compile=args.compile,
                          gpu_decode=args.gpu_decode, num_workers=args.num_workers,
                          image_dir=args.image_dir, isolate=not args.in_process, seed=args.seed,
-                         precision=args.precision)
+                         precision=args.precision, gpu_extras=args.gpu_extras)
     if args.out is not None:
         result["saved_to"] = str(save_results(result, args.out))
     print(json.dumps(result) if args.json else format_speed(result))
-    if any("error" in result[name] for name in ("reference", "project_fp32", "project")):
+    if any("error" in result[name] for name in result["variants"]):
         raise SystemExit(1)
 
 
@@ -722,25 +792,29 @@ def build_parser():
                    help="timed training steps (default: 10 on cuda, 2 on cpu)")
     p.add_argument("--warmup-steps", type=int, default=1,
                    help="untimed training steps first (default: 1)")
+    p.add_argument("--gpu-extras", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run gpu_extras, this script's own pipeline (not the package): "
+                        "uint8 normalized on the device, device-side cache, torch.compile, "
+                        "nvjpeg (default: on cuda)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the project's encoder (default: on cuda), falls back "
+                   help="torch.compile the gpu_extras encoder (default: on cuda), falls back "
                         "to eager if compiling fails")
     p.add_argument("--gpu-decode", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode JPEGs with nvjpeg on the GPU (default: on cuda), falls back "
-                        "to PIL workers if unavailable")
+                   help="decode the gpu_extras JPEGs with nvjpeg on the GPU (default: on "
+                        "cuda), falls back to PIL workers if unavailable")
     p.add_argument("--num-workers", type=int, default=None,
                    help="DataLoader workers (default: min(8, CPU count))")
     p.add_argument("--image-dir", type=Path, default=None,
                    help="time these JPEG files (same size, recursive) instead of synthetic ones")
     p.add_argument("--in-process", action="store_true",
-                   help="run both variants in this process (faster start, peak memory mixed)")
+                   help="run every variant in this process (faster start, peak memory mixed)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR,
                    help="folder of the result JSON (default: benchmarks/results)")
     p.add_argument("--no-save", dest="out", action="store_const", const=None,
                    help="do not write a result file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="the project variant's precision (an fp32 project variant always runs "
+                   help="the package variant's precision (a package_fp32 variant always runs "
                         "too); auto: bf16 only with native bf16")
     return p
 

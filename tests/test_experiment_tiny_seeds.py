@@ -1,4 +1,4 @@
-"""The seed comparison (`benchmarks/tiny_seeds.py`): its means and paired differences, against a
+"""The seed comparison (`experiments/tiny_seeds.py`): its means and paired differences, against a
 hand computation on made-up runs (training itself is replaced)."""
 
 import json
@@ -6,8 +6,8 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import tiny_seeds  # noqa: E402  (benchmarks/tiny_seeds.py)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import tiny_seeds  # noqa: E402  (experiments/tiny_seeds.py)
 
 # (seed, batch size) -> (validation, test) R@1/5/10 in percent, as if trained.
 FAKE = {(1, 2): ((40, 70, 80), (41, 72, 88)), (1, 4): ((38, 71, 80), (42, 70, 88)),

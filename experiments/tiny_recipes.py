@@ -6,8 +6,8 @@ folder, and ranks them by the best epoch's validation R@5 (then R@1), as `train`
 preset, so that the test numbers never steer it. The frozen encoder's features are encoded once
 and read back by every run (`features.stored_local_features`), so a recipe costs seconds.
 
-    python benchmarks/tiny_recipes.py                  # fp32, as on a CPU without native bf16
-    python benchmarks/tiny_recipes.py --precision auto
+    python experiments/tiny_recipes.py                  # fp32, as on a CPU without native bf16
+    python experiments/tiny_recipes.py --precision auto
 """
 
 import argparse

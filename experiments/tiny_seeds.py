@@ -10,16 +10,17 @@ seeds, and the paired difference per seed. Validation comes first; test is read 
 
 Batch 2 was the preset for a while, chosen on one seed's validation; batch 4 is the reference's,
 and at the preset's seed it gives exactly the figures of the code before the feature cache
-(commit `bb80993`; README, "Results on the tiny synthetic city").
+(commit `bb80993`; RESULTS.md, "Results on the tiny synthetic city").
 
-    python benchmarks/tiny_seeds.py                       # fp32, 8 seeds
-    python benchmarks/tiny_seeds.py --seeds 123 1 2 --json benchmarks/results/tiny_seeds.json
+    python experiments/tiny_seeds.py                       # fp32, 8 seeds
+    python experiments/tiny_seeds.py --seeds 123 1 2 --json experiments/results/tiny_seeds.json
 """
 
 import argparse
 import contextlib
 import io
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -28,16 +29,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from common import device_name  # noqa: E402
 
 from netvlad_tutorial import config as cf  # noqa: E402
 from netvlad_tutorial import evaluate, train  # noqa: E402
 from netvlad_tutorial.synthetic import ensure_synthetic_city  # noqa: E402
+from netvlad_tutorial.utils import cpu_model  # noqa: E402
 
 RECIPES = {"batch 2": {"batch_size": 2}, "batch 4 (the preset)": {"batch_size": 4}}
 RECALLS = (1, 5, 10)
+
+
+def device_name():
+    """The CPU's model name and core count."""
+    return f"{cpu_model()}, {os.cpu_count()} cores"
 
 
 def train_and_test(config, out, root, precision):
@@ -73,7 +77,7 @@ def main(argv=None):
     root = ensure_synthetic_city(args.data_root)
     base = cf.PRESETS["tiny"].replace(data_root=str(root), precision=args.precision)
     runs = {name: [] for name in RECIPES}
-    print(f"{device_name('cpu')}, precision {args.precision}, seeds {args.seeds}", flush=True)
+    print(f"{device_name()}, precision {args.precision}, seeds {args.seeds}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             for name, changes in RECIPES.items():
@@ -86,7 +90,7 @@ def main(argv=None):
                       f"val R@1/5/10 {' / '.join(f'{v:.1f}' for v in pct(best))}  "
                       f"test {' / '.join(f'{v:.1f}' for v in pct(test))}  ({seconds:.0f} s)",
                       flush=True)
-    result = {"device_name": device_name("cpu"), "precision": args.precision, "seeds": args.seeds,
+    result = {"device_name": device_name(), "precision": args.precision, "seeds": args.seeds,
               "recipes": RECIPES, "runs": runs, "mean": {}, "stdev": {}, "paired": {}}
     for key in ("val", "test"):
         print(f"\n{key}: mean (standard deviation) over {len(args.seeds)} seeds, R@1 / R@5 / R@10")
