@@ -541,25 +541,50 @@ def ground_truth_matrix(positives, num_db):
     return gt
 
 
-def _scored_matches(S, gt_hard, gt_soft, matching):
-    """The scores and correctness of the matches a threshold decides on, and recall's
-    denominator: (scores (P,), correct (P,) bool, num_positives)."""
+def _ground_truth(S, gt_hard, gt_soft):
+    """S as float64 and the hard and soft ground truths as booleans, shapes checked."""
     S = np.asarray(S, dtype=np.float64)  # `S`: (N, M)
     gt_hard = np.asarray(gt_hard, dtype=bool)
     gt_soft = gt_hard if gt_soft is None else np.asarray(gt_soft, dtype=bool)
     if S.ndim != 2 or S.shape != gt_hard.shape or S.shape != gt_soft.shape:
         raise ValueError(f"S {S.shape}, gt_hard {gt_hard.shape} and gt_soft {gt_soft.shape} "
                          "must be two-dimensional and of one shape (database x queries)")
+    return S, gt_hard, gt_soft
+
+
+def best_matches(S, gt_hard, gt_soft=None):
+    """Each query's best match, as single-best-match evaluation sees it.
+
+    Entries that are soft but not hard positives are skipped; equal scores go to the lowest
+    database index.
+
+    Returns:
+        `best` (M,) database indices (-1 where a column has only skipped entries), `score`
+        (M,) their S (-inf there) and `correct` (M,) booleans (hard positive or not).
+    """
+    S, gt_hard, gt_soft = _ground_truth(S, gt_hard, gt_soft)
+    ignored = gt_soft & ~gt_hard  # `ignored`: (N, M)
+    masked = np.where(ignored, -np.inf, S)  # `masked`: (N, M)
+    best = masked.argmax(0)  # (M,)
+    cols = np.arange(S.shape[1])
+    score, correct = masked[best, cols], gt_hard[best, cols]  # (M,) each
+    best[ignored.all(0)] = -1
+    return best, score, correct & (best >= 0)
+
+
+def _scored_matches(S, gt_hard, gt_soft, matching):
+    """The scores and correctness of the matches a threshold decides on, and recall's
+    denominator: (scores (P,), correct (P,) bool, num_positives)."""
+    S, gt_hard, gt_soft = _ground_truth(S, gt_hard, gt_soft)
     ignored = gt_soft & ~gt_hard  # neither a true nor a false match
     if matching == "multi":
         num_positives = int(gt_hard.sum())
         scores, correct = S[~ignored], gt_hard[~ignored]  # (P,) each
     elif matching == "single":
         num_positives = int(gt_hard.any(0).sum())  # queries with at least one hard positive
-        masked = np.where(ignored, -np.inf, S)  # `masked`: (N, M)
-        kept = np.flatnonzero((~ignored).any(0))  # queries with something left to match
-        best = masked[:, kept].argmax(0)  # the best match; ties: the lowest database index
-        scores, correct = S[best, kept], gt_hard[best, kept]  # (P,) each
+        best, _, correct = best_matches(S, gt_hard, gt_soft)  # (M,) each
+        kept = best >= 0  # queries with something left to match
+        scores, correct = S[best[kept], np.flatnonzero(kept)], correct[kept]  # (P,) each
     else:
         raise ValueError(f"matching must be 'single' or 'multi', not {matching!r}")
     if num_positives == 0:

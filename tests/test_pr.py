@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from netvlad_tutorial.evaluate import (
+    best_matches,
     ground_truth_matrix,
     pr_auc,
     precision_recall_curve,
@@ -136,3 +137,13 @@ def test_against_brute_force(matching, seed):
     at_one = [r for p, r in zip(expected_p, expected_r) if p == 1]
     assert recall_at_100_precision(S, hard, soft, matching) == pytest.approx(max(at_one))
     assert recall[0] == 0 and precision[0] == 1 and np.all(np.diff(recall) >= 0)
+
+
+def test_best_matches_skip_soft_entries():
+    S = np.array([[0.9, 0.2, 0.4], [0.5, 0.2, 0.1]])
+    hard = np.array([[False, False, False], [True, True, False]])
+    soft = np.array([[True, False, True], [True, True, True]])
+    best, score, correct = best_matches(S, hard, soft)
+    np.testing.assert_array_equal(best, [1, 0, -1])  # query 1: a tie goes to index 0
+    np.testing.assert_array_equal(score, [0.5, 0.2, -np.inf])
+    np.testing.assert_array_equal(correct, [True, False, False])
