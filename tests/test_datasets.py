@@ -159,3 +159,17 @@ def test_frame_ground_truth_is_the_tutorials_box_filter():
     for i in range(5):
         for j in range(3):
             assert hard[i, j] == (i == j) and soft[i, j] == (abs(i - j) <= 1)
+
+
+def test_cli_error_is_one_line(tmp_path, capsys):
+    s = Server({})  # 404 for every file
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["datasets", "download", "gardens-point", "--out", str(tmp_path / "gp"),
+                  "--base-url", s.url])
+    finally:
+        s.close()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: gardens-point: download from") and err.count("\n") == 1
+    assert not (tmp_path / "gp" / "GardensPoint_Walking.zip").exists()
