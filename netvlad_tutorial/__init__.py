@@ -6,7 +6,10 @@
 - `features`: stage 3, the one inference loop and the descriptor caches
 - `mining`: stage 4, hard-negative mining, tuples, `collate_fn`, triplet loss
 - `train`: stage 5, training with cache refreshes, checkpoints, resume
-- `evaluate`: stage 6 (and the recall of 3 and 5), exact search, Recall@N, checkpoints, PCA
+- `pooling`: why NetVLAD, the poolings it is compared with; `datasets`: real photographs (opt-in)
+- `evaluate`: stage 6 (and the recall of 3 and 5), exact search, Recall@N, checkpoints, PCA;
+  the similarity matrix, precision-recall curves, AUC
+- `search`: approximate search with faiss; `rerank`: re-ranking by local features
 - `viz`: the figures of every stage; `cli`: the command line
 
 The README's "How the package is organized" gives what each module may import.

@@ -100,6 +100,12 @@ def _weights(args):
                          allow_unverified=args.allow_unverified)
 
 
+def _datasets(args):
+    from .datasets import download_gardens_point
+
+    download_gardens_point(args.out, base_url=args.base_url)
+
+
 def _terminal_text(text):
     """What a terminal shows for `text`: each line ends as its last carriage-return segment."""
     lines = [line.rsplit("\r", 1)[-1] for line in text.split("\n")]
@@ -275,6 +281,20 @@ def build_parser():
     d.add_argument("--allow-unverified", action="store_true",
                    help="accept a file whose authors publish no hash (still read safely)")
     p.set_defaults(func=_weights)
+
+    p = sub.add_parser("datasets", help="download real photographs (opt-in)")
+    dsub = p.add_subparsers(dest="action", required=True)
+    d = dsub.add_parser("download", help="fetch a dataset and unpack it in the layout "
+                                         "`load_split` reads")
+    d.add_argument("name", choices=["gardens-point"],
+                   help="gardens-point: GardensPoint Walking, day_right (database) and "
+                        "night_right (queries), ground truth by frame order")
+    d.add_argument("--out", type=Path, default=None,
+                   help="the dataset folder (default: data/gardens_point)")
+    d.add_argument("--base-url", default=None,
+                   help="fetch BASE_URL/GardensPoint_Walking.zip instead (a mirror; default: "
+                        "$NETVLAD_DATA_URL, else the authors' address)")
+    p.set_defaults(func=_datasets)
     return parser
 
 

@@ -512,3 +512,126 @@ def load_or_fit_pca(model, config, train_split, device, pca_dim=None, checkpoint
                            pca_path(checkpoint, dim))
         print(f"PCA whitening saved to {path}")
     return layer.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation as the VPR tutorial does it: similarity matrix, precision-recall, AUC
+# ---------------------------------------------------------------------------------------------
+# Definitions of Schubert et al., "Visual Place Recognition: A Tutorial" (2023), written anew:
+# every distinct threshold is used (exact), where the tutorial samples 100.
+
+
+def similarity_matrix(db, q):
+    """Cosine similarity S (N, M): one row per database image, one column per query.
+
+    Higher is more similar. Rows of `db` (N, D) and `q` (M, D) are L2-normalized first, so
+    for unit descriptors S = 1 − d²/2 and ranking by S is ranking by Euclidean distance.
+    """
+    db = torch.as_tensor(np.asarray(db, dtype=np.float32))  # `db`: (N, D)
+    q = torch.as_tensor(np.asarray(q, dtype=np.float32))  # `q`: (M, D)
+    db, q = torch.nn.functional.normalize(db, dim=1), torch.nn.functional.normalize(q, dim=1)
+    return (db @ q.T).numpy()  # (N, M)
+
+
+def ground_truth_matrix(positives, num_db):
+    """The (N, M) boolean matrix of a per-query list of positive database indices."""
+    gt = np.zeros((num_db, len(positives)), dtype=bool)  # `gt`: (N, M)
+    for j, pos in enumerate(positives):
+        gt[np.asarray(pos, dtype=np.int64), j] = True
+    return gt
+
+
+def _ground_truth(S, gt_hard, gt_soft):
+    """S as float64 and the hard and soft ground truths as booleans, shapes checked."""
+    S = np.asarray(S, dtype=np.float64)  # `S`: (N, M)
+    gt_hard = np.asarray(gt_hard, dtype=bool)
+    gt_soft = gt_hard if gt_soft is None else np.asarray(gt_soft, dtype=bool)
+    if S.ndim != 2 or S.shape != gt_hard.shape or S.shape != gt_soft.shape:
+        raise ValueError(f"S {S.shape}, gt_hard {gt_hard.shape} and gt_soft {gt_soft.shape} "
+                         "must be two-dimensional and of one shape (database x queries)")
+    return S, gt_hard, gt_soft
+
+
+def best_matches(S, gt_hard, gt_soft=None):
+    """Each query's best match, as single-best-match evaluation sees it.
+
+    Entries that are soft but not hard positives are skipped; equal scores go to the lowest
+    database index.
+
+    Returns:
+        `best` (M,) database indices (-1 where a column has only skipped entries), `score`
+        (M,) their S (-inf there) and `correct` (M,) booleans (hard positive or not).
+    """
+    S, gt_hard, gt_soft = _ground_truth(S, gt_hard, gt_soft)
+    ignored = gt_soft & ~gt_hard  # `ignored`: (N, M)
+    masked = np.where(ignored, -np.inf, S)  # `masked`: (N, M)
+    best = masked.argmax(0)  # (M,)
+    cols = np.arange(S.shape[1])
+    score, correct = masked[best, cols], gt_hard[best, cols]  # (M,) each
+    best[ignored.all(0)] = -1
+    return best, score, correct & (best >= 0)
+
+
+def _scored_matches(S, gt_hard, gt_soft, matching):
+    """The scores and correctness of the matches a threshold decides on, and recall's
+    denominator: (scores (P,), correct (P,) bool, num_positives)."""
+    S, gt_hard, gt_soft = _ground_truth(S, gt_hard, gt_soft)
+    ignored = gt_soft & ~gt_hard  # neither a true nor a false match
+    if matching == "multi":
+        num_positives = int(gt_hard.sum())
+        scores, correct = S[~ignored], gt_hard[~ignored]  # (P,) each
+    elif matching == "single":
+        num_positives = int(gt_hard.any(0).sum())  # queries with at least one hard positive
+        best, _, correct = best_matches(S, gt_hard, gt_soft)  # (M,) each
+        kept = best >= 0  # queries with something left to match
+        scores, correct = S[best[kept], np.flatnonzero(kept)], correct[kept]  # (P,) each
+    else:
+        raise ValueError(f"matching must be 'single' or 'multi', not {matching!r}")
+    if num_positives == 0:
+        raise ValueError("no hard positive in gt_hard: recall is undefined")
+    return scores, correct, num_positives
+
+
+def precision_recall_curve(S, gt_hard, gt_soft=None, matching="single"):
+    """Precision and recall at every distinct threshold of S, exactly: (precision, recall).
+
+    A threshold t accepts the matches with S >= t. With `matching="single"` each query
+    contributes its best match (the largest S in its column), and recall is over the queries
+    that have at least one hard positive; with `"multi"` every entry of S is a match, and
+    recall is over all hard positives. Entries that are soft but not hard positives are
+    ignored: never a match, never counted (the tutorial sets them to min(S) instead, which
+    counts them only at the lowest threshold). The curve starts at recall 0, precision 1; the
+    thresholds then fall from max(S) to min(S), so recall never decreases.
+
+    Args:
+        S: (N, M) similarities, one row per database image and one column per query.
+        gt_hard: (N, M) booleans, the true matches.
+        gt_soft: (N, M) booleans, matches that are not wrong either (e.g. neighbouring frames);
+            default: `gt_hard`.
+        matching: "single" or "multi".
+
+    Returns:
+        `precision`, `recall`: float64 arrays of length 1 + the number of distinct thresholds.
+    """
+    scores, correct, num_positives = _scored_matches(S, gt_hard, gt_soft, matching)
+    order = np.argsort(-scores, kind="stable")
+    scores, correct = scores[order], correct[order]  # highest score first
+    tp = np.cumsum(correct)  # `tp`: (P,) true matches among the first i + 1
+    fp = np.cumsum(~correct)  # `fp`: (P,)
+    last = np.flatnonzero(np.r_[scores[1:] != scores[:-1], True])  # end of each equal score
+    tp, fp = tp[last], fp[last]
+    precision = np.r_[1.0, tp / (tp + fp)]  # each threshold accepts at least one
+    recall = np.r_[0.0, tp / num_positives]
+    return precision, recall
+
+
+def pr_auc(precision, recall):
+    """The area under the precision-recall curve: trapezoids between consecutive points."""
+    p, r = np.asarray(precision, dtype=np.float64), np.asarray(recall, dtype=np.float64)
+    return float(np.sum((r[1:] - r[:-1]) * (p[1:] + p[:-1]) / 2))
+
+
+def recall_at_100_precision(S, gt_hard, gt_soft=None, matching="single"):
+    """The largest recall reached at precision 1 (no false match accepted); 0 if none is."""
+    precision, recall = precision_recall_curve(S, gt_hard, gt_soft, matching)
+    return float(recall[precision == 1].max())

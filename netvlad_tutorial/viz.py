@@ -31,6 +31,7 @@ from .data import (
     load_split,
     train_positives,
 )
+from .evaluate import best_matches, pr_auc
 from .model import vgg16_features
 from .utils import atomic_write
 
@@ -886,3 +887,106 @@ def plot_city_map(dbs, ax=None):
     ax.tick_params(axis="x", labelrotation=30)
     ax.legend(fontsize=7, markerscale=1.5)
     return ax.figure
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation as the VPR tutorial does it: similarity matrix, PR curves, true and false matches
+# ---------------------------------------------------------------------------------------------
+
+
+def plot_similarity_matrix(S, gt_hard=None, gt_soft=None, title=None):
+    """S as an image (rows: database, columns: queries) with the ground truth over it.
+
+    Hard positives are white dots, soft-only positives a light band (`gt_soft` & ~`gt_hard`),
+    and each query's best match (`evaluate.best_matches`) a ring: green on a hard positive,
+    red elsewhere.
+
+    Args:
+        S: (N, M) similarities (`evaluate.similarity_matrix`).
+        gt_hard, gt_soft: optional (N, M) booleans.
+    """
+    S = _numpy(S)
+    fig = NotebookFigure(figsize=(6.5, 5.5), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(S, cmap="viridis", aspect="auto", interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="similarity S")
+    if gt_soft is not None:
+        soft_only = np.asarray(gt_soft, dtype=bool) & ~np.asarray(gt_hard, dtype=bool)
+        ax.imshow(np.ma.masked_where(~soft_only, soft_only), cmap="Greys", alpha=0.35,
+                  aspect="auto", interpolation="nearest", vmin=0, vmax=1)
+    if gt_hard is not None:
+        rows, cols = np.nonzero(np.asarray(gt_hard, dtype=bool))
+        ax.scatter(cols, rows, s=4, color="white", label="hard positive")
+        best, _, correct = best_matches(S, gt_hard, gt_soft)
+        q = np.flatnonzero(best >= 0)
+        for mask, colour, label in [(correct[q], "#31a354", "best match: correct"),
+                                    (~correct[q], "#de2d26", "best match: wrong")]:
+            ax.scatter(q[mask], best[q][mask], s=30, facecolors="none", edgecolors=colour,
+                       linewidths=1.2, label=label)
+        ax.legend(loc="upper right", fontsize=8, framealpha=0.8)
+    ax.set(xlabel="query", ylabel="database image", title=title or "similarity matrix S")
+    return fig
+
+
+def plot_pr_curves(curves, title=None):
+    """Precision against recall of several methods, with AUC and recall at 100 % precision.
+
+    Args:
+        curves: {label: (precision, recall)} as `evaluate.precision_recall_curve` returns them.
+    """
+    fig = NotebookFigure(figsize=(6, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for label, (precision, recall) in curves.items():
+        precision, recall = np.asarray(precision), np.asarray(recall)
+        at_one = recall[precision == 1].max() if np.any(precision == 1) else 0.0
+        ax.plot(recall, precision,
+                label=f"{label} (AUC {pr_auc(precision, recall):.3f}, "
+                      f"R@100%P {100 * at_one:.1f}%)")
+    ax.set(xlim=(0, 1.01), ylim=(0, 1.02), xlabel="recall", ylabel="precision",
+           title=title or "precision-recall")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    return fig
+
+
+def plot_match_examples(db_images, query_images, S, gt_hard, gt_soft=None, num=3):
+    """The most confident true and false best matches as image rows.
+
+    Top row: the `num` queries whose best match is a hard positive, highest S first, each
+    followed by that database image (framed green). Bottom row: the `num` highest-scoring
+    wrong best matches (framed red). Soft-only entries are skipped (`evaluate.best_matches`).
+
+    Args:
+        db_images, query_images: indexable by image index (lists, or `LazyImages`).
+        S, gt_hard, gt_soft: as in `evaluate.precision_recall_curve`.
+    """
+    best, score, correct = best_matches(S, gt_hard, gt_soft)
+    images, titles, frames = [], [], []
+    for wanted, frame in [(True, "green"), (False, "red")]:
+        q = np.flatnonzero((best >= 0) & (correct == wanted))
+        q = q[np.argsort(-score[q], kind="stable")][:num]
+        for j in range(num):
+            if j < len(q):
+                images += [query_images[q[j]], db_images[best[q[j]]]]
+                titles += [f"query {q[j]}", f"db {best[q[j]]}, S = {score[q[j]]:.3f}"]
+            else:
+                images += [None, None]
+                titles += [None, None]
+            frames += [None, frame]
+    fig = NotebookFigure(figsize=(2 * num * 2.2, 2 * 2.3), layout="constrained")
+    _draw_images(fig, images, titles, frames, ncols=2 * num)
+    fig.suptitle("most confident true matches (top) and false matches (bottom)", fontsize=10)
+    return fig
+
+
+class LazyImages:
+    """The database (or query) images of a `data.Split`, read from disk when indexed."""
+
+    def __init__(self, split, query=False):
+        self.split, self.query = split, query
+
+    def __len__(self):
+        return self.split.db.numQ if self.query else self.split.db.numDb
+
+    def __getitem__(self, i):
+        return split_image(self.split, int(i), query=self.query)

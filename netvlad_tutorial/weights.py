@@ -151,7 +151,8 @@ def _sidecar(path):
     return path.with_name(path.name + ".sha256")
 
 
-def download_weights(name, base_url=None, progress=True, allow_unverified=False):
+def download_weights(name, base_url=None, progress=True, allow_unverified=False, path=None,
+                     check=None):
     """Download the weights `name` into the torch hub cache, unless already there.
 
     Args:
@@ -160,12 +161,15 @@ def download_weights(name, base_url=None, progress=True, allow_unverified=False)
         progress: show torch.hub's progress bar.
         allow_unverified: accept a file without a published hash. Its sha256 is then printed
             and saved next to it (`<file>.sha256`), and a later call checks the file against it.
+        path: where to keep the file (default: `weights_path(name)`, in the torch hub cache).
+        check: `check(path)` raises ValueError unless the downloaded file is usable (default:
+            `check_weights_file`, which reads it as weights; an archive needs its own).
 
     Returns:
         the file's path. A wrong hash, a truncated or unreadable file raises, leaving nothing.
     """
     entry = get_weights(name)
-    path = weights_path(entry)
+    path = weights_path(entry) if path is None else Path(path)
     expected = entry.sha256
     if expected is None and _sidecar(path).is_file():
         expected = _sidecar(path).read_text().split()[0]
@@ -194,7 +198,7 @@ def download_weights(name, base_url=None, progress=True, allow_unverified=False)
         except (OSError, http.client.HTTPException) as err:  # refused, reset, cut short
             raise ValueError(f"{entry.name}: download from {url} failed: {err}") from err
         try:
-            check_weights_file(entry, tmp)
+            check(tmp) if check is not None else check_weights_file(entry, tmp)
         except ValueError as err:
             raise ValueError(f"{entry.name}: the file from {url} is truncated or not the "
                              f"expected weights: {err}") from err

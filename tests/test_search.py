@@ -1,0 +1,92 @@
+"""faiss indexes against brute force: flat exactly, IVF-PQ and HNSW through their recall."""
+
+import faiss
+import numpy as np
+import pytest
+
+from netvlad_tutorial.search import (
+    benchmark_search,
+    build_index,
+    generated_descriptors,
+    index_memory_mib,
+    knn_recall,
+    search,
+)
+
+BUILD = {"ivfpq": {"nlist": 8, "pq_m": 8, "pq_bits": 4}, "hnsw": {"hnsw_m": 8}}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One faiss thread: HNSW's graph (built in parallel otherwise) is then reproducible."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+def brute_force(q, db, k):
+    """Euclidean distances in float64 and the k nearest of each query, by a loop."""
+    dist, idx = [], []
+    for row in np.asarray(q, np.float64):
+        d = np.sqrt(((np.asarray(db, np.float64) - row) ** 2).sum(1))
+        order = np.argsort(d, kind="stable")[:k]
+        dist.append(d[order])
+        idx.append(order)
+    return np.array(dist), np.array(idx)
+
+
+@pytest.mark.parametrize("kind", ["exact", "flat"])
+def test_exact_kinds_equal_brute_force(kind):
+    db, q, _ = generated_descriptors(500, 20, 16, seed=1)
+    dist, idx = search(q, db, 7, kind=kind)
+    expected_dist, expected_idx = brute_force(q, db, 7)
+    np.testing.assert_array_equal(idx, expected_idx)
+    np.testing.assert_allclose(dist, expected_dist, atol=1e-5)
+
+
+def test_generated_queries_are_noisy_copies():
+    db, q, source = generated_descriptors(300, 40, 32, noise=0.3, seed=0)
+    assert db.shape == (300, 32) and q.shape == (40, 32) and source.shape == (40,)
+    np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1, atol=1e-6)
+    np.testing.assert_array_equal(brute_force(q, db, 1)[1][:, 0], source)
+
+
+def test_knn_recall_by_hand():
+    pred = np.array([[1, 2, 3, 0], [4, 5, 6, 0]])
+    exact = np.array([[3, 2, 9], [7, 8, 9]])
+    assert knn_recall(pred, exact, 3) == pytest.approx((2 / 3 + 0) / 2)
+    assert knn_recall(pred, exact, 1) == 0.0
+
+
+def test_benchmark_recall_is_computed_against_brute_force():
+    db, q, source = generated_descriptors(800, 30, 16, noise=0.8, seed=2)
+    positives = [np.array([s]) for s in source]
+    rows = {r["index"]: r for r in benchmark_search(db, q, k=5, positives=positives,
+                                                     build=BUILD, nprobe=2, ef_search=8)}
+    assert list(rows) == ["exact", "flat", "ivfpq", "hnsw"]
+    _, truth = brute_force(q, db, 5)
+    for kind, row in rows.items():
+        _, idx = search(q, db, 5, kind=kind, **BUILD.get(kind, {}),
+                        **({} if kind in ("exact", "flat") else {"nprobe": 2, "ef_search": 8}))
+        hits = [len(set(idx[j]) & set(truth[j])) / 5 for j in range(len(q))]
+        assert row["knn_recall"] == pytest.approx(np.mean(hits))
+        assert row["top1_agreement"] == pytest.approx(np.mean(idx[:, 0] == truth[:, 0]))
+        assert row["recall@1"] == pytest.approx(np.mean(idx[:, 0] == source))
+        assert row["recall@5"] == pytest.approx(np.mean([s in i for s, i in zip(source, idx)]))
+        assert row["query_ms"] >= 0 and row["build_s"] >= 0
+    assert rows["exact"]["knn_recall"] == rows["flat"]["knn_recall"] == 1.0
+    assert rows["ivfpq"]["knn_recall"] < 1.0  # 2 of 8 cells, 4-bit codes: approximate
+    # memory: float32 vectors for exact and flat; 8 codes of 4 bits per vector for IVF-PQ
+    assert rows["exact"]["memory_mib"] == 800 * 16 * 4 / 2**20
+    assert rows["flat"]["memory_mib"] == pytest.approx(800 * 16 * 4 / 2**20, rel=0.01)
+    assert rows["ivfpq"]["memory_mib"] < rows["flat"]["memory_mib"] / 2
+    assert rows["hnsw"]["memory_mib"] > rows["flat"]["memory_mib"]  # vectors + graph
+
+
+def test_index_memory_is_the_serialized_size():
+    db, _, _ = generated_descriptors(100, 1, 8)
+    index = build_index(db, "flat")
+    assert index_memory_mib(index) * 2**20 == len(faiss.serialize_index(index))
+    with pytest.raises(ValueError, match="unknown index"):
+        build_index(db, "lsh")
