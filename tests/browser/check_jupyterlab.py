@@ -1,10 +1,10 @@
 """The course as a student meets it: JupyterLab in headless Chromium (`make browser-check`).
 
-Starts JupyterLab at the repository root as the README says, opens the first page and the
+Starts JupyterLab at the repository root as the README says, opens the first page, 02 and the
 dataset explorer in Debian's `chromium`, and checks what the reader sees:
 
-- every image in the first page's markdown loads, and its Hangul is drawn with a font that
-  has Hangul (not boxes);
+- every image in the markdown of 00 and 02 loads (`figures/`), and the first page's Hangul is
+  drawn with a font that has Hangul (not boxes);
 - "Run All Cells" on `01_dataset` runs without an error, the query explorer renders as an
   ipywidgets slider (not the text `IntSlider(...)`), and moving the slider redraws the figure.
 
@@ -38,6 +38,7 @@ OUT = ROOT / "build" / "browser-check"
 CHROMIUM = "/usr/bin/chromium"
 HEADER = "notebooks/00_header.ipynb"
 EXPLORER = "notebooks/01_dataset.ipynb"  # the cheapest notebook with a query slider
+NETWORK = "notebooks/02_network.ipynb"  # the other notebook with figures from figures/
 SETTINGS = {  # JupyterLab user settings: never write the notebooks, no news pop-up
     "@jupyterlab/docmanager-extension/plugin": {"autosave": False},
     "@jupyterlab/apputils-extension/notification": {"fetchNews": "false",
@@ -166,12 +167,14 @@ class Chromium:
         """One DevTools command; its result (events in between are skipped)."""
         self.next_id += 1
         self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
-        while True:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
             message = json.loads(self.ws.recv())
             if message.get("id") == self.next_id:
                 if "error" in message:
                     raise RuntimeError(f"{method}: {message['error']}")
                 return message["result"]
+        raise TimeoutError(f"{method}: no answer from Chromium within 60 s")
 
     def js(self, expression):
         """The value of a JavaScript expression in the page (promises awaited)."""
@@ -258,21 +261,27 @@ def hangul_fonts():
     return {name.strip().lower() for line in out.splitlines() for name in line.split(",")}
 
 
-def check_header(browser, lab):
-    """First page: every markdown image loads; the Hangul title is drawn in a Hangul font."""
-    browser.open(lab.url(HEADER))
-    wait_for(lambda: browser.js(js_for(NOTEBOOK, HEADER)), 90, "00_header open")
-    expected = markdown_images(HEADER)
-    assert expected > 0, "00_header has no image to check"
+def check_images(browser, lab, notebook):
+    """Open `notebook`: every image its markdown references is drawn (loaded, not 404)."""
+    browser.open(lab.url(notebook))
+    wait_for(lambda: browser.js(js_for(NOTEBOOK, notebook)), 90, f"{notebook} open")
+    expected = markdown_images(notebook)
+    assert expected > 0, f"{notebook} has no image to check"
 
     def loaded():
         images = browser.js(IMAGES)
         return len(images) == expected and all(i["complete"] and i["width"] > 0 for i in images)
     try:
-        wait_for(loaded, 30, "images of 00_header")
+        wait_for(loaded, 30, f"images of {notebook}")
     except TimeoutError as e:
-        raise AssertionError(f"broken images on the first page: {browser.js(IMAGES)}") from e
-    print(f"00_header: {expected} image(s) loaded: {[i['src'] for i in browser.js(IMAGES)]}")
+        raise AssertionError(f"broken images in {notebook}: {browser.js(IMAGES)}") from e
+    print(f"{notebook}: {expected} image(s) loaded: "
+          f"{[i['src'].split('?')[0] for i in browser.js(IMAGES)]}")
+
+
+def check_header(browser, lab):
+    """First page: every image loads; the Hangul title is drawn in a font with Hangul."""
+    check_images(browser, lab, HEADER)
 
     title = browser.js("document.querySelector('.jp-RenderedMarkdown h1').innerText")
     hangul = len(re.findall("[\uac00-\ud7a3]", title))
@@ -343,6 +352,7 @@ def main():
         lab.wait_ready()
         print(f"JupyterLab at {lab.base}, root {ROOT}")
         check_header(browser, lab)
+        check_images(browser, lab, NETWORK)
         check_explorer(browser, lab)
     except BaseException:
         if browser is not None and browser.proc.poll() is None:
