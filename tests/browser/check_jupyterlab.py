@@ -152,16 +152,24 @@ class Chromium:
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
+        self.next_id = 0
+        try:
+            self.ws = websocket.create_connection(self._page(profile), timeout=60,
+                                                  suppress_origin=True)
+            self.send("Emulation.setFocusEmulationEnabled", enabled=True)  # headless: no focus
+        except BaseException:
+            self.close()
+            raise
+
+    def _page(self, profile):
+        """The DevTools websocket address of Chromium's page."""
         active = profile / "DevToolsActivePort"  # written once it listens: port, then path
         port = wait_for(lambda: active.exists() and active.read_text().split("\n")[0], 60,
                         "Chromium's DevTools port")
         pages = wait_for(lambda: [t for t in json.loads(
             http_get(f"http://127.0.0.1:{port}/json/list") or "[]") if t["type"] == "page"],
             30, "a Chromium page")
-        self.ws = websocket.create_connection(pages[0]["webSocketDebuggerUrl"], timeout=60,
-                                              suppress_origin=True)
-        self.next_id = 0
-        self.send("Emulation.setFocusEmulationEnabled", enabled=True)  # headless has no focus
+        return pages[0]["webSocketDebuggerUrl"]
 
     def send(self, method, **params):
         """One DevTools command; its result (events in between are skipped)."""
@@ -208,10 +216,8 @@ class Chromium:
         return {f["familyName"]: f["glyphCount"] for f in fonts}
 
     def close(self):
-        try:
+        if hasattr(self, "ws"):
             self.ws.close()
-        except AttributeError:
-            pass
         stop(self.proc, "Chromium")
 
 
