@@ -347,6 +347,7 @@ def main():
     if not Path(CHROMIUM).exists():
         sys.exit(f"{CHROMIUM} is missing: `make browser-check` installs Debian's chromium")
     OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "failure.png").unlink(missing_ok=True)
     notebooks = {p: hashlib.sha256(p.read_bytes()).hexdigest()
                  for p in (ROOT / "notebooks").glob("*.ipynb")}
     start = time.monotonic()
@@ -361,8 +362,10 @@ def main():
         check_images(browser, lab, NETWORK)
         check_explorer(browser, lab)
     except BaseException:
-        if browser is not None and browser.proc.poll() is None:
+        try:
             print("screenshot at the failure:", browser.screenshot(OUT / "failure.png"))
+        except Exception as e:  # keep the first error, not this one
+            print(f"no screenshot at the failure: {e!r}", file=sys.stderr)
         for proc in (lab, browser):
             if proc is not None:
                 print(f"--- end of {proc.log.name}:", *proc.log.read_text().splitlines()[-30:],
