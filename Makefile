@@ -9,7 +9,7 @@ CITY := data/synthetic_tiny
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 export MPLBACKEND := Agg
 
-.PHONY: setup city tutorial test unit nbtest lint figures bench clean-city
+.PHONY: setup city tutorial test unit nbtest lint figures bench clean-city browser-check
 
 setup: $(STAMP)
 
@@ -35,6 +35,16 @@ test: setup city
 	  $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
 	    --nbval-sanitize-with notebooks/sanitize.cfg $(NOTEBOOKS); \
 	fi
+
+# The course as a student meets it: JupyterLab at the repository root in headless Chromium
+# (tests/browser/check_jupyterlab.py; screenshots in build/browser-check/). Installs Debian's
+# chromium and a Hangul font when missing (apt, as root).
+browser-check: setup city
+	@if [ ! -x /usr/bin/chromium ] || ! fc-list ':charset=ac00' 2>/dev/null | grep -q .; then \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y \
+	    --no-install-recommends chromium fonts-nanum; \
+	fi
+	$(PY) tests/browser/check_jupyterlab.py
 
 unit: setup
 	$(PY) -m pytest tests -q
