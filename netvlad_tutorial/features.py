@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from . import distributed
+from .config import TRAINABLE
 from .utils import (
     Precision,
     atomic_write,
@@ -283,9 +284,6 @@ def stored_local_features(encoder, dataset, batch_size=24, num_workers=0, device
 # Why the cache runs under `no_grad()`: what autograd keeps for backward
 # ---------------------------------------------------------------------------------------------
 
-TRAINABLE = ("netvlad", "conv5", "all")
-
-
 def saved_for_backward_mib(fn, exclude=()):
     """(MiB of tensors autograd saves for backward while `fn()` runs, the result of `fn()`).
 
@@ -331,8 +329,8 @@ def backward_memory_mib(model, batch_size, image_size, trainable="conv5", device
     net = copy.deepcopy(model).to(device).eval()
     net.requires_grad_(trainable == "all")
     net.pool.requires_grad_(True)
-    if trainable == "conv5":
-        net.encoder[-5:].requires_grad_(True)  # conv5_1, ReLU, conv5_2, ReLU, conv5_3
+    if trainable == "conv5":  # the backbone's last block: VGG16's conv5_1, ReLU, ..., conv5_3
+        net.encoder.backbone.split(net.encoder)[1].requires_grad_(True)
     images = torch.zeros(batch_size, 3, *image_size, device=device)  # (B, 3, H, W)
     params = list(net.parameters())
     grad, _ = saved_for_backward_mib(lambda: net(images), exclude=params)

@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "netvlad_tutorial"
 
 # The import order, earliest first: a module may import only those before it.
 STAGES = ["utils", "distributed", "config", "data", "synthetic", "features", "model", "weights",
-          "mining", "evaluate", "train", "viz", "cli", "__main__"]
+          "mining", "run_model", "evaluate", "train", "viz", "cli", "__main__"]
 LAZY_IMPORTS = {"cli"}  # imports inside its functions keep `--help` fast; nothing else may
 
 

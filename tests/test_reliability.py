@@ -135,7 +135,7 @@ def test_kills_at_every_point_then_resume_give_the_straight_run(micro_city, tmp_
         for fault in faults:
             assert _run(config, run_dir, fault) == -9, fault  # killed by SIGKILL
         if name == "b":  # the stale best.pth is refused by evaluate, not used silently
-            with pytest.raises(ValueError, match="train --resume"):
+            with pytest.raises(ValueError, match="resume=True"):
                 evaluate_checkpoint(micro_city, checkpoint=run_dir / "best.pth",
                                        precision="fp32")
         _run(config, run_dir)
