@@ -308,7 +308,8 @@ def main(argv=None):
     if launched:
         distributed.init()
     try:
-        args.func(args)
+        with distributed.quiet_other_ranks():  # torchrun: rank 0 alone prints
+            args.func(args)
         distributed.barrier()  # torchrun: every rank has finished before the group ends
     except (ValueError, OSError) as err:
         text = err.spelled(FLAGS) if hasattr(err, "spelled") else error_message(err)

@@ -24,6 +24,7 @@ from .utils import (
     cache_dir,
     display_path,
     leave_progress,
+    progress_hidden,
     resolve_precision,
 )
 
@@ -103,8 +104,8 @@ def run_inference(model, dataset, batch_size=24, num_workers=0, device=None, pre
     out = None
     try:
         with torch.no_grad():
-            for inputs, indices in tqdm(loader, desc=label, unit="batch", disable=label is None,
-                                        leave=leave_progress()):
+            for inputs, indices in tqdm(loader, desc=label, unit="batch", leave=leave_progress(),
+                                        disable=label is None or progress_hidden()):
                 inputs = precision.images(inputs.to(device, non_blocking=True))  # (B, ...)
                 with precision.autocast(device):
                     outputs = model(inputs)  # `outputs`: (B, ...)

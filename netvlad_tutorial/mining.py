@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from .data import QUERIES_DIR, NegativeSampler, Split, input_transform, load_image
-from .utils import leave_progress
+from .utils import leave_progress, progress_hidden
 
 MinedTuple = namedtuple("MinedTuple",
                         ["query", "positive", "negatives", "d_pos", "d_negs", "sampled"])
@@ -461,7 +461,8 @@ def mine_triplets(queries, q_desc, db_desc, train_positives, sampler, rng, neg_c
             yield select_group, items
 
     with (torch_threads(num_threads), tqdm(total=len(queries), desc="Mining", unit="query",
-                                            leave=leave_progress()) as bar,
+                                            leave=leave_progress(), disable=progress_hidden())
+          as bar,
           ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool):
         for fn, items in batches():
             for result in (pool.map(fn, items) if pool is not None else map(fn, items)):

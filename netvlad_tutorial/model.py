@@ -32,6 +32,7 @@ from .utils import (
     cache_dir,
     display_path,
     load_torch_file,
+    progress_hidden,
     resolve_precision,
 )
 
@@ -351,7 +352,7 @@ def sample_local_descriptors(encoder, dataset, num_images=500, per_image=100, ba
         precision = resolve_precision(precision or "auto", device)
     descs = []
     for start in tqdm(range(0, len(images), batch_size), desc="Local descriptors for k-means",
-                      unit="batch"):
+                      unit="batch", disable=progress_hidden()):
         batch = _Renumbered(dataset, images[start:start + batch_size])
         # Not sharded under torchrun: a rank that finds the centroid cache skips this pass.
         x = run_inference(net, batch, batch_size, num_workers, device, precision,

@@ -57,6 +57,7 @@ from .utils import (
     check_device,
     display_path,
     fault_point,
+    progress_hidden,
     remove_temporary_files,
     resolve_device,
     set_seed,
@@ -228,7 +229,8 @@ def tuple_batches(tuples, run, state, config):
                 else {"batch_sampler": [share.local for share in plan]})
     loader = DataLoader(dataset, **batching, num_workers=run.source.num_workers,
                         collate_fn=collate_fn, pin_memory=run.device.type == "cuda")
-    for i, batch in enumerate(tqdm(loader, desc="Training", leave=False)):
+    bar = tqdm(loader, desc="Training", leave=False, disable=progress_hidden())
+    for i, batch in enumerate(bar):
         yield batch, None if plan is None else plan[i]
 
 

@@ -472,3 +472,22 @@ def transient_progress():
 def leave_progress():
     """tqdm's `leave`: False inside `transient_progress()`, else True."""
     return not _TRANSIENT_PROGRESS.get()
+
+
+_HIDDEN_PROGRESS = contextvars.ContextVar("hidden_progress", default=False)
+
+
+@contextlib.contextmanager
+def hidden_progress():
+    """The package's progress bars started inside the block are not shown (`progress_hidden`),
+    e.g. on the ranks other than 0 under torchrun (`distributed.quiet_other_ranks`)."""
+    token = _HIDDEN_PROGRESS.set(True)
+    try:
+        yield
+    finally:
+        _HIDDEN_PROGRESS.reset(token)
+
+
+def progress_hidden():
+    """tqdm's `disable`: True inside `hidden_progress()`, else False."""
+    return _HIDDEN_PROGRESS.get()
