@@ -50,7 +50,7 @@ def _model_device(model):
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
-def _as_precision(precision, device):
+def as_precision(precision, device):
     """A `Precision` from a `Precision`, a name ("auto", "fp32", "bf16") or None ("auto")."""
     if isinstance(precision, Precision):
         return precision
@@ -91,7 +91,7 @@ def run_inference(model, dataset, batch_size=24, num_workers=0, device=None, pre
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be float16 or float32, got {dtype}")
     device = torch.device(device) if device is not None else _model_device(model)
-    precision = _as_precision(precision, device)
+    precision = as_precision(precision, device)
     num_rows, sharded = _num_rows(dataset), shard and distributed.is_initialized()
     if sharded:  # this rank's items only; rank 0 alone writes a file
         dataset = Subset(dataset, distributed.shard(len(dataset)))
@@ -256,7 +256,7 @@ def stored_local_features(encoder, dataset, batch_size=24, num_workers=0, device
         or the images) or `dataset` has no `paths` (only a `data.WholeDataset` is keyed).
     """
     device = torch.device(device) if device is not None else _model_device(encoder)
-    precision = _as_precision(precision, device)
+    precision = as_precision(precision, device)
     if not hasattr(dataset, "paths") or not len(dataset):
         return None
     image, _ = dataset[0]  # `image`: (3, H, W)

@@ -25,9 +25,8 @@ from tqdm import tqdm
 from . import __version__, distributed
 from .config import TRAINABLE, ArgumentError, TrainConfig
 from .data import data_fingerprint, whole_dataset
-from .features import run_inference
+from .features import as_precision, run_inference
 from .utils import (
-    Precision,
     atomic_save,
     cache_dir,
     display_path,
@@ -120,6 +119,7 @@ class Backbone:
             conv5_1, ReLU, conv5_2, ReLU, conv5_3); the modules before are its frozen prefix.
         load: (encoder, path) -> None, copies a weights file into a built encoder.
         imagenet_path: () -> the `Path` of its ImageNet weights; None: it has none.
+        label: its name in messages (default: `name`).
     """
 
     name: str
@@ -128,6 +128,7 @@ class Backbone:
     tail: int
     load: Callable | None = None
     imagenet_path: Callable | None = None
+    label: str = ""
 
     def split(self, encoder):
         """(prefix, tail) of a built `encoder`: the layers before the last block, and it."""
@@ -153,7 +154,7 @@ def get_backbone(name):
 # VGG16 up to conv5_3, before its ReLU and pool5: 512 channels at stride 16.
 VGG16 = register_backbone(Backbone("vgg16_conv5", lambda: vgg16_features()[:-2], channels=512,
                                    tail=5, load=_load_vgg_state,
-                                   imagenet_path=imagenet_weights_path))
+                                   imagenet_path=imagenet_weights_path, label="VGG16"))
 
 
 def build_encoder(weights=None, trainable=None, backbone="vgg16_conv5"):
@@ -179,11 +180,14 @@ def build_encoder(weights=None, trainable=None, backbone="vgg16_conv5"):
         if path is not None and path.is_file():
             spec.load(encoder, path)
             source = "imagenet"
+        elif path is None:
+            warnings.warn(f"{spec.label or spec.name} has no ImageNet weights; continuing with "
+                          "random initialization", stacklevel=2)
         else:
-            warnings.warn(f"ImageNet weights for {spec.name} not found"
-                          f"{f' at {display_path(path)}' if path else ''} "
-                          "(`python -m netvlad_tutorial weights download imagenet` puts VGG16's "
-                          "there); continuing with random initialization", stacklevel=2)
+            warnings.warn(f"ImageNet weights for {spec.label or spec.name} not found at "
+                          f"{display_path(path)} (`python -m netvlad_tutorial weights download "
+                          "imagenet` puts them there); continuing with random initialization",
+                          stacklevel=2)
     elif weights is not None:
         path = Path(weights)
         if not path.is_file():
@@ -348,8 +352,7 @@ def sample_local_descriptors(encoder, dataset, num_images=500, per_image=100, ba
     images = np.sort(rng.choice(num_db, min(num_images, num_db), replace=False))
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
     net = _UnitLocalDescriptors(encoder).train(encoder.training)  # mode restored after each pass
-    if not isinstance(precision, Precision):  # chosen (and said) before the progress bar starts
-        precision = resolve_precision(precision or "auto", device)
+    precision = as_precision(precision, device)  # chosen (and said) before the progress bar
     descs = []
     for start in tqdm(range(0, len(images), batch_size), desc="Local descriptors for k-means",
                       unit="batch", disable=progress_hidden()):

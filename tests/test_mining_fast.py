@@ -343,5 +343,5 @@ def test_config_refuses_an_unknown_negative_pool():
     from netvlad_tutorial.config import TrainConfig
 
     assert TrainConfig().negative_pool == "query"  # the reference by default
-    with pytest.raises(ValueError, match="negative_pool must be 'query' or 'shared'"):
+    with pytest.raises(ValueError, match="negative_pool` must be one of 'query', 'shared'"):
         TrainConfig(negative_pool="pooled")
