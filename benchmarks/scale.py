@@ -132,7 +132,7 @@ def _fill(storage, seed, batch=256):
     return write_s, make_s
 
 
-def _previous_row_distances(db_desc, indices, q_row, device=None, block=None):
+def _previous_row_distances(db_desc, indices, q_row, device=None, block=None, workspace=None):
     """The mining distances as computed before `mining.row_distances` (one gather, float32)."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     rows = mining._float32(db_desc[indices], device)  # (n, D)

@@ -35,16 +35,9 @@ def _train(args):
     if args.name:
         config = config.replace(dataset=args.name)
     overrides = {k: getattr(args, k) for k in ("epochs", "seed", "num_workers", "device",
-                                                "negative_pool")}
+                                                "negative_pool", "precision")}
     config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
-    if args.precision:
-        config = config.replace(precision=args.precision)
-    if args.epochs is not None and args.epochs < 1:
-        raise ValueError(f"--epochs must be at least 1, not {args.epochs}")
-    if args.num_workers is not None and args.num_workers < 0:
-        raise ValueError(f"--num-workers must be 0 or more, not {args.num_workers}")
-    if args.resume and args.overwrite:
-        raise ValueError("give either --resume or --overwrite, not both")
+    config = config.with_settings(args.set)  # checked by `TrainConfig`, as every setting
     train(config, args.out, resume=args.resume, overwrite=args.overwrite)
 
 
@@ -236,6 +229,9 @@ def build_parser():
                         "group of queries (24x less memory read when mining); default: the "
                         "preset's (shared for pitts250k, query otherwise)")
     _add_precision(p)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any setting of TrainConfig, e.g. --set lr=0.001 --set batch_size=8 "
+                        "(repeatable; applied after the other flags)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="Recall@N of a checkpoint (or the untrained model)")
@@ -308,6 +304,15 @@ def error_message(err):
     return text
 
 
+# How the command line names the arguments that library errors name (`config.ArgumentError`).
+FLAGS = {"resume": "--resume", "overwrite": "--overwrite", "out": "--out",
+         "checkpoint": "--checkpoint", "untrained": "--untrained", "preset": "--preset",
+         "pca": "--pca", "pca_dim": "--pca-dim", "save_pca": "--save-pca",
+         "epochs": "--epochs", "seed": "--seed", "num_workers": "--num-workers",
+         "device": "--device", "negative_pool": "--negative-pool", "precision": "--precision",
+         "allow_unverified": "--allow-unverified"}
+
+
 def main(argv=None):
     """Entry point; errors about user input, data, files or disks print one clear line (naming
     the file) and exit 2. OSError covers a read-only folder and a full disk (ENOSPC).
@@ -323,10 +328,12 @@ def main(argv=None):
     if launched:
         distributed.init()
     try:
-        args.func(args)
+        with distributed.quiet_other_ranks():  # torchrun: rank 0 alone prints
+            args.func(args)
         distributed.barrier()  # torchrun: every rank has finished before the group ends
     except (ValueError, OSError) as err:
-        print(f"error: {error_message(err)}", file=sys.stderr)
+        text = err.spelled(FLAGS) if hasattr(err, "spelled") else error_message(err)
+        print(f"error: {text}", file=sys.stderr)
         sys.exit(2)
     finally:
         if launched:

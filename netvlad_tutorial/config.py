@@ -4,11 +4,44 @@ The first module of the course: every later stage reads its settings from a `Tra
 """
 
 import dataclasses
+import types
 from dataclasses import dataclass
 
 from . import __version__
+from .utils import PRECISIONS
 
 TRAINABLE = ("all", "conv5", "netvlad")  # what trains: `TrainConfig.trainable`
+CHOICES = {"trainable": TRAINABLE, "optimizer": ("sgd", "adam"),
+           "negative_pool": ("query", "shared"), "precision": PRECISIONS,
+           "cache_storage": ("memory", "disk", "auto")}
+# The smallest value of each numeric setting (None: no bound); floats here must be above it.
+AT_LEAST = {"num_clusters": 1, "lr_step": 1, "epochs": 1, "patience": 0, "batch_size": 1,
+            "n_neg": 1, "n_neg_sample": 1, "n_neg_dist": 1, "cache_refresh": 1,
+            "max_queries": 1, "cache_batch_size": 1, "num_workers": 0, "seed": 0,
+            "kmeans_images": 1, "kmeans_per_image": 1, "kmeans_iters": 1, "pca_dim": 1,
+            "momentum": 0.0, "weight_decay": 0.0}
+ABOVE = {"lr": 0.0, "lr_gamma": 0.0, "margin": 0.0}
+
+
+class ArgumentError(ValueError):
+    """A bad argument of a library call, or a bad combination of them.
+
+    The message names each argument as a caller of the library writes it, in backquotes
+    (`` `resume=True` ``); `arguments` maps each name to that spelling, so that the command
+    line can say its own flags instead (`cli.FLAGS`).
+    """
+
+    def __init__(self, message, **arguments):
+        super().__init__(message)
+        self.arguments = arguments  # e.g. {"resume": "`resume=True`"}
+
+    def spelled(self, flags):
+        """The message with each argument replaced by `flags[name]` where given."""
+        text = str(self)
+        for name, spelling in self.arguments.items():
+            if name in flags:
+                text = text.replace(spelling, flags[name])
+        return text
 
 
 @dataclass(frozen=True)
@@ -20,6 +53,7 @@ class TrainConfig:
     image_size: tuple | None = None  # (H, W) to resize to; None keeps the files' size
     num_clusters: int = 64
     weights: str | None = "imagenet"  # "imagenet", a local file, or None (random)
+    backbone: str = "vgg16_conv5"  # the encoder: a name in `model.BACKBONES`
     # What trains: "all" (every VGG16 layer and NetVLAD), "conv5" (conv5_1..conv5_3 and
     # NetVLAD, the reference with ImageNet weights) or "netvlad" (only NetVLAD: a frozen
     # encoder, the tiny preset, see there).
@@ -58,16 +92,56 @@ class TrainConfig:
     pca_dim: int = 4096
 
     def __post_init__(self):
-        if self.trainable not in TRAINABLE:
-            raise ValueError(f"trainable must be one of {', '.join(TRAINABLE)}, not "
-                             f"{self.trainable!r}")
-        if self.negative_pool not in ("query", "shared"):
-            raise ValueError(f"negative_pool must be 'query' or 'shared', not "
-                             f"{self.negative_pool!r}")
+        """Check every setting: its type, its choices or its range (the one place that does)."""
+        if isinstance(self.image_size, list):
+            object.__setattr__(self, "image_size", tuple(self.image_size))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not _has_type(value, f.type):
+                raise ArgumentError(f"`{f.name}` must be {_type_name(f.type)}, not {value!r}",
+                                    **{f.name: f"`{f.name}`"})
+            bad = None
+            if f.name in CHOICES and value not in CHOICES[f.name]:
+                bad = f"one of {', '.join(map(repr, CHOICES[f.name]))}"
+            elif value is not None and f.name in AT_LEAST and value < AT_LEAST[f.name]:
+                bad = f"at least {AT_LEAST[f.name]}"
+            elif f.name in ABOVE and not value > ABOVE[f.name]:
+                bad = f"above {ABOVE[f.name]}"
+            if bad:
+                raise ArgumentError(f"`{f.name}` must be {bad}, not {value!r}",
+                                    **{f.name: f"`{f.name}`"})
+        if self.image_size is not None and (len(self.image_size) != 2 or not all(
+                isinstance(n, int) and n > 0 for n in self.image_size)):
+            raise ArgumentError(f"`image_size` must be (H, W), two positive integers, not "
+                                f"{self.image_size!r}", image_size="`image_size`")
+        if not self.backbone:
+            raise ArgumentError("`backbone` must name a backbone", backbone="`backbone`")
 
     def replace(self, **changes):
         """A copy with `changes` applied."""
         return dataclasses.replace(self, **changes)
+
+    def with_settings(self, settings):
+        """A copy with `settings`, strings "KEY=VALUE" (the command line's `--set`), applied.
+
+        Each value is read as its field's type: `none` for an optional field, true/false for
+        a flag, `96,128` for `image_size`. An unknown key or a bad value is an `ArgumentError`
+        naming it.
+        """
+        fields = {f.name: f.type for f in dataclasses.fields(self)}
+        changes = {}
+        for item in settings:
+            key, sep, text = item.partition("=")
+            key = key.strip().replace("-", "_")
+            if not sep or key not in fields:
+                raise ArgumentError(f"`{item}` is not KEY=VALUE with KEY a setting: "
+                                    f"{', '.join(fields)}", set=f"`{item}`")
+            try:
+                changes[key] = _parse(text.strip(), fields[key])
+            except ValueError:
+                raise ArgumentError(f"`{item}`: {key} must be {_type_name(fields[key])}, not "
+                                    f"{text!r}", set=f"`{item}`") from None
+        return self.replace(**changes)
 
     @classmethod
     def from_dict(cls, d, source="the configuration", strict=True, version=None):
@@ -104,6 +178,43 @@ class TrainConfig:
         if d.get("image_size") is not None:
             d["image_size"] = tuple(d["image_size"])
         return cls(**d)
+
+
+def _types(annotation):
+    """The types an annotation allows: `int | None` -> (int, NoneType)."""
+    if isinstance(annotation, types.UnionType):
+        return annotation.__args__
+    return (annotation,)
+
+
+def _type_name(annotation):
+    return " or ".join("None" if t is type(None) else t.__name__ for t in _types(annotation))
+
+
+def _has_type(value, annotation):
+    """Whether `value` is of `annotation`'s types; an int is a float, a bool is not an int."""
+    allowed = _types(annotation)
+    if isinstance(value, bool):
+        return bool in allowed
+    return isinstance(value, allowed) or (isinstance(value, int) and float in allowed)
+
+
+def _parse(text, annotation):
+    """`text` read as a value of `annotation` (raises ValueError)."""
+    allowed = _types(annotation)
+    if text.lower() == "none" and type(None) in allowed:
+        return None
+    if bool in allowed:
+        if text.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return text.lower() in ("true", "yes", "1")
+        raise ValueError(text)
+    if int in allowed:
+        return int(text)
+    if float in allowed:
+        return float(text)
+    if tuple in allowed:
+        return tuple(int(n) for n in text.replace("x", ",").split(","))
+    return text
 
 
 def old_trainable(train_all, freeze_encoder, weights):

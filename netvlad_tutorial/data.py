@@ -523,31 +523,6 @@ def data_fingerprint(split):
     return h.hexdigest()[:16]
 
 
-class QueryDataset(Dataset):
-    """The training queries (those with a training positive): item i is `(image, query index)`.
-
-    Attributes:
-        queries: (M,) int64 query indices in use.
-        positives: training positives of every query (`train_positives(db)`).
-    """
-
-    def __init__(self, root, db, transform=None, queries_dir=QUERIES_DIR):
-        self.root, self.db = _check_root(root, queries_dir), db
-        self.transform = transform if transform is not None else input_transform()
-        self.queries_dir = queries_dir
-        self.positives = train_positives(db)
-        self.queries = np.array([q for q, pos in enumerate(self.positives) if len(pos)],
-                                dtype=np.int64)
-
-    def __len__(self):
-        return len(self.queries)
-
-    def __getitem__(self, i):
-        q = int(self.queries[i])
-        path = self.root / self.queries_dir / self.db.qImage[q]
-        return self.transform(load_image(path)), q
-
-
 # ---------------------------------------------------------------------------------------------
 # Finding a split on disk: Pittsburgh layout or VPR-benchmark folders
 # ---------------------------------------------------------------------------------------------
@@ -589,14 +564,6 @@ def parse_folder_dataset(folder, pos_dist_thr=25, non_triv_sq=100):
                     [p.relative_to(folder).as_posix() for p in db_files], utm_db,
                     [p.relative_to(q_dir).as_posix() for p in q_files], utm_q,
                     len(db_files), len(q_files), pos_dist_thr, pos_dist_thr ** 2, non_triv_sq)
-
-
-def is_flat_folder(root, split):
-    """Whether `split` under `root` would be the one flat VPR folder `root/database` +
-    `root/queries`, which serves every split name (no `.mat`, no `root/{split}/database`)."""
-    root = Path(root)
-    return (not list((root / DATASETS_DIR).glob(f"*_{split}.mat"))
-            and not (root / split / "database").is_dir() and (root / "database").is_dir())
 
 
 def load_split(root, split, name=None, allow_flat=True):

@@ -13,23 +13,20 @@ What is distributed (see the README, "Several GPUs or machines"):
 - training: `DistributedDataParallel` over each global batch of tuples (`batch_plan`,
   `share_loss`), so the update is the one of a single process with the global batch;
 - mining, validation: computed on rank 0 and broadcast (`broadcast_object`);
-- files and printing: rank 0 only (`utils.is_main_process`, `main_only`).
+- files: rank 0 only (`utils.is_main_process`); printing: rank 0 only where the command line
+  runs its command inside `quiet_other_ranks()`.
 """
 
-import builtins
 import contextlib
 import datetime
-import functools
 import os
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import tqdm
 
-from .utils import is_main_process
+from .utils import hidden_progress, is_main_process
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 GATHER_CHUNK_MB = 64  # `gather_rows` moves at most this much per rank and step
@@ -66,9 +63,8 @@ is_main = is_main_process  # rank 0, or a single process
 def init(backend=None, timeout_s=1800):
     """Start the process group from the launcher's environment (`env://`).
 
-    NCCL when CUDA is available (each rank on `cuda:LOCAL_RANK`), gloo otherwise. On ranks
-    other than 0, `print` to stdout and tqdm progress bars are silenced (stderr still prints).
-    Does nothing when already initialized.
+    NCCL when CUDA is available (each rank on `cuda:LOCAL_RANK`), gloo otherwise. Does nothing
+    when already initialized.
 
     Args:
         backend: "nccl" or "gloo"; default: by device as above.
@@ -81,32 +77,24 @@ def init(backend=None, timeout_s=1800):
     if backend == "nccl":
         torch.cuda.set_device(local_rank())
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    _quiet_other_ranks()
 
 
 def destroy():
-    """End the process group; restores `print` and the progress bars."""
+    """End the process group."""
     if is_initialized():
         dist.destroy_process_group()
-    builtins.print = _PRINT
-    tqdm.tqdm.__init__ = _TQDM_INIT
 
 
-_PRINT, _TQDM_INIT = builtins.print, tqdm.tqdm.__init__
-
-
-def _quiet_other_ranks():
-    """`print` to stdout and tqdm bars only on rank 0 (as torchvision's reference scripts)."""
+@contextlib.contextmanager
+def quiet_other_ranks():
+    """Inside the block, on ranks other than 0: stdout goes nowhere and the package's progress
+    bars are hidden (stderr still prints). Rank 0, or a single process: nothing changes."""
     if is_main():
+        yield
         return
-    tqdm.tqdm.__init__ = functools.partialmethod(_TQDM_INIT, disable=True)  # every new bar
-
-    @functools.wraps(_PRINT)
-    def print_on_main(*args, file=None, **kwargs):
-        if file is not None and file is not sys.stdout:
-            _PRINT(*args, file=file, **kwargs)
-
-    builtins.print = print_on_main
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), \
+            hidden_progress():
+        yield
 
 
 def barrier():
@@ -215,28 +203,6 @@ def gather_rows(part, indices, n, out=None):
             rows_bytes = b.cpu().numpy()[valid]  # (valid, row_bytes)
             out[i[valid]] = rows_bytes.view(part.dtype).reshape(-1, *part.shape[1:])
     return out
-
-
-def main_only(fn):
-    """Decorator: `fn` runs on rank 0 only (others get None), e.g. a function writing files."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return fn(*args, **kwargs) if is_main() else None
-
-    return wrapper
-
-
-@contextlib.contextmanager
-def main_first():
-    """Rank 0 runs the block first, the other ranks after it (e.g. reading what rank 0 wrote)."""
-    if not is_main():
-        barrier()
-    try:
-        yield
-    finally:
-        if is_main():
-            barrier()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,9 +13,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
-from .config import PRESETS, get_preset
-from .data import eval_positives, load_split, whole_dataset
-from .features import FeatureDataset, compute_descriptors, stored_local_features
+from .config import PRESETS, ArgumentError, get_preset
+from .data import eval_positives, load_split
 from .model import (
     PCAWhitening,
     check_model_config,
@@ -25,16 +24,15 @@ from .model import (
     load_checkpoint,
     load_model,
     load_weights,
-    make_model,
     model_config,
 )
+from .run_model import ImageSource, RunModel, as_run
 from .utils import (
     atomic_save,
     display_path,
     get_device,
     load_torch_file,
     resolve_device,
-    resolve_precision,
 )
 
 RECALL_VALUES = (1, 5, 10, 20)
@@ -296,37 +294,30 @@ def dedup_panorama(pred_idx, db_image_names):
 
 
 def split_descriptors(model, split, config, device, features=None,
-                      label="Caching descriptors", stored=True):
+                      label="Caching descriptors", stored=True, key=None):
     """(db_desc, q_desc) of a split: one cache pass over database then queries.
 
-    With `features`, the split's cached local features (`FeatureCache`), only the NetVLAD layer
-    (and PCA) runs: the same descriptors as from the images, without the encoder. A frozen
-    encoder's features of a small split are also kept between runs
-    (`features.stored_local_features`), so a second pass over the same images skips VGG16;
-    `stored=False` always encodes the images (the exact numbers `evaluate_checkpoint` reports).
+    `model` is a `run_model.RunModel` (its source decides), or an `EmbedNet` (`as_run`): with
+    `features`, the split's local features, only the NetVLAD layer (and PCA) runs: the same
+    descriptors as from the images, without the encoder. A frozen encoder's features of a small
+    split are also kept between runs (`features.stored_local_features`), so a second pass over
+    the same images skips the encoder; `stored=False` always encodes the images (the exact
+    numbers `evaluate_checkpoint` reports).
+
+    Args:
+        key: the split's name in a `RunModel`'s storage ("val": the run's validation features).
     """
-    precision = resolve_precision(config.precision, device)
-    if features is None and stored and model.encoder_frozen:
-        features = stored_local_features(model.encoder, whole_dataset(split, config),
-                                         batch_size=config.cache_batch_size,
-                                         num_workers=config.num_workers, device=device,
-                                         precision=precision,
-                                         label=f"{label}: encoding images once")
-    if features is not None:
-        net, dataset = model.head, FeatureDataset(features)
-    else:
-        net, dataset = model, whole_dataset(split, config)
-    desc_all = compute_descriptors(net, dataset, batch_size=config.cache_batch_size,
-                                   num_workers=0 if features is not None else config.num_workers,
-                                   device=device, precision=precision, label=label)
+    run = as_run(model, config, device, features, stored)
+    desc_all = run.descriptors(split, key, label=label)  # (numDb + numQ, out_dim)
     return desc_all[: split.db.numDb], desc_all[split.db.numDb:]
 
 
 def evaluate_split(model, split, config, device, n_values=RECALL_VALUES, features=None,
-                   stored=True):
-    """Recall@N on a split (evaluation positives: within posDistThr, 25 m)."""
+                   stored=True, key=None):
+    """Recall@N on a split (evaluation positives: within posDistThr, 25 m); arguments as
+    `split_descriptors`."""
     db_desc, q_desc = split_descriptors(model, split, config, device, features, stored=stored,
-                                        label=f"Evaluating ({split.db.whichSet})")
+                                        label=f"Evaluating ({split.db.whichSet})", key=key)
     return recall_at_n(q_desc, db_desc, eval_positives(split.db), n_values=n_values)
 
 
@@ -345,20 +336,23 @@ def evaluate_checkpoint(data_root, split="test", checkpoint=None, untrained=Fals
     Returns:
         dict with `recall@N` for N in `RECALL_VALUES`, plus `split`, `dim` and `num_queries`.
     """
+    def error(message):
+        return ArgumentError(message, **EVALUATE_ARGUMENTS)
+
     if checkpoint is not None and untrained:
-        raise ValueError("give either --checkpoint or --untrained, not both")
+        raise error("give either `checkpoint` or `untrained=True`, not both")
     if checkpoint is None and not untrained:
-        raise ValueError("give --checkpoint RUN_DIR/best.pth, or --untrained")
+        raise error("give `checkpoint` (RUN_DIR/best.pth), or `untrained=True`")
     if checkpoint is not None and preset is not None:
-        raise ValueError("--preset is only used with --untrained: a checkpoint brings its own "
-                         "settings")
+        raise error("`preset` is only used with `untrained=True`: a checkpoint brings its own "
+                    "settings")
     if pca_dim is not None and not pca:
-        raise ValueError("--pca-dim is only used with --pca")
+        raise error("`pca_dim` is only used with `pca=True`")
     if pca_dim is not None and pca_dim < 1:
-        raise ValueError(f"--pca-dim must be at least 1, not {pca_dim}")
+        raise error(f"`pca_dim` must be at least 1, not {pca_dim}")
     if save_pca and (not pca or checkpoint is None):
-        raise ValueError("--save-pca needs --pca and --checkpoint (it stores the fitted PCA "
-                         "beside the checkpoint)")
+        raise error("`save_pca=True` needs `pca=True` and `checkpoint` (it stores the fitted "
+                    "PCA beside the checkpoint)")
     config, ckpt = get_preset(preset or "tiny"), None
     if checkpoint is not None:  # read once: a released model file, or one of this package
         checkpoint = Path(checkpoint)
@@ -379,31 +373,39 @@ def evaluate_checkpoint(data_root, split="test", checkpoint=None, untrained=Fals
     if untrained:
         train_split = load_split(config.data_root, "train", name=config.dataset,
                                  allow_flat=False)
-    model = make_model(config, train_split, device)
+    run = RunModel.build(config, train_split, device, source=ImageSource)  # the exact numbers
+    model = run.model
     if checkpoint is not None:
         check_model_config(ckpt, checkpoint, model_config(model))
         load_weights(model, ckpt, checkpoint)
     if pca:
         model.pca = load_or_fit_pca(model, config, train_split, device, pca_dim, checkpoint,
                                     save=save_pca, ckpt=ckpt)
-    recalls = evaluate_split(model, eval_split, config, device, stored=False)
+    recalls = evaluate_split(run, eval_split, config, device)
     result = {f"recall@{n}": float(r) for n, r in recalls.items()}
     result.update(split=split, dim=int(model.out_dim), num_queries=int(eval_split.db.numQ),
                   model="untrained" if untrained and checkpoint is None else str(checkpoint))
     return result
 
 
+# How the library names `evaluate_checkpoint`'s arguments in its errors (`ArgumentError`).
+EVALUATE_ARGUMENTS = {
+    "checkpoint": "`checkpoint`", "untrained": "`untrained=True`", "preset": "`preset`",
+    "pca": "`pca=True`", "pca_dim": "`pca_dim`", "save_pca": "`save_pca=True`"}
+
+
 def _check_best_is_current(path, ckpt):
     """Raise if `path` is a run's `best.pth` that is behind its `latest.pth` (a run stopped
-    between the two writes of one epoch); `train --resume` repairs it."""
+    between the two writes of one epoch); resuming the run repairs it."""
     latest = path.parent / "latest.pth"
     if path.name != "best.pth" or not latest.is_file():
         return
     best_epoch = load_checkpoint(latest).get("best_epoch")
     if best_epoch is not None and ckpt.get("epoch") != best_epoch:
-        raise ValueError(f"{path} holds epoch {ckpt.get('epoch')}, but {latest} says the best "
-                         f"is epoch {best_epoch}: the run stopped while saving; `train --resume "
-                         f"--out {path.parent}` repairs it")
+        raise ArgumentError(f"{path} holds epoch {ckpt.get('epoch')}, but {latest} says the "
+                            f"best is epoch {best_epoch}: the run stopped while saving; resuming "
+                            f"it (`resume=True`, run folder {path.parent}) repairs it",
+                            resume="`resume=True`")
 
 
 def released_format(contents):
@@ -435,8 +437,9 @@ def _evaluate_released(checkpoint, contents, data_root, split, name, device, pre
     eval_split = load_split(config.data_root, split, name=config.dataset)
     if pca:
         if model.pca is not None:
-            raise ValueError(f"{checkpoint} already holds its PCA whitening (WPCA to "
-                             f"{info['pca_dim']}-D): evaluate it without --pca")
+            raise ArgumentError(f"{checkpoint} already holds its PCA whitening (WPCA to "
+                                f"{info['pca_dim']}-D): evaluate it without `pca=True`",
+                                **EVALUATE_ARGUMENTS)
         model.pca = load_or_fit_pca(model, config, None, device, pca_dim)
     recalls = evaluate_split(model, eval_split, config, device, stored=False)
     result = {f"recall@{n}": float(r) for n, r in recalls.items()}
@@ -446,7 +449,7 @@ def _evaluate_released(checkpoint, contents, data_root, split, name, device, pre
 
 
 def pca_path(checkpoint, dim):
-    """Where `--save-pca` keeps the PCA of `checkpoint`: `RUN/best.pca{dim}.pth` beside it."""
+    """Where `save_pca=True` keeps the PCA of `checkpoint`: `RUN/best.pca{dim}.pth` beside it."""
     checkpoint = Path(checkpoint)
     return checkpoint.with_name(f"{checkpoint.stem}.pca{dim}.pth")
 
@@ -477,15 +480,13 @@ def load_or_fit_pca(model, config, train_split, device, pca_dim=None, checkpoint
     if ckpt is None:
         ckpt = load_checkpoint(checkpoint) if checkpoint else {}
     dim = pca_dim or config.pca_dim
-    stored = ckpt.get("pca")
-    if stored is None or stored["out_dim"] != dim:
-        stored = None
-        side = pca_path(checkpoint, dim) if checkpoint else None
-        if side is not None and side.is_file():
-            stored = load_torch_file(side, "PCA file")
-            if stored.get("weights") != _weights_digest(ckpt["model"]):
-                raise ValueError(f"{side} was fitted for other weights than {checkpoint}; "
-                                 "remove it or run with --save-pca to fit it again")
+    stored, side = None, pca_path(checkpoint, dim) if checkpoint else None
+    if side is not None and side.is_file():
+        stored = load_torch_file(side, "PCA file")
+        if stored.get("weights") != _weights_digest(ckpt["model"]):
+            raise ArgumentError(f"{side} was fitted for other weights than {checkpoint}; "
+                                "remove it or give `save_pca=True` to fit it again",
+                                **EVALUATE_ARGUMENTS)
     if stored is not None:
         layer = PCAWhitening(stored["in_dim"], stored["out_dim"])
         layer.load_state_dict(stored["state_dict"])
@@ -496,9 +497,10 @@ def load_or_fit_pca(model, config, train_split, device, pca_dim=None, checkpoint
     limit = min(model.out_dim, min(train_split.db.numDb, 10000) - 1)
     if dim > limit:
         if pca_dim is not None:
-            raise ValueError(f"--pca-dim {pca_dim} is larger than possible: at most {limit} "
-                             f"(descriptor size {model.out_dim}, {train_split.db.numDb} "
-                             "training database images to fit on)")
+            raise ArgumentError(f"`pca_dim` {pca_dim} is larger than possible: at most "
+                                f"{limit} (descriptor size {model.out_dim}, "
+                                f"{train_split.db.numDb} training database images to fit on)",
+                                **EVALUATE_ARGUMENTS)
         print(f"PCA: {limit} dimensions, not the preset's {dim} (too little data)")
         dim = limit
     db_desc, _ = split_descriptors(model, train_split, config, device,

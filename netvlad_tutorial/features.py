@@ -17,12 +17,14 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from . import distributed
+from .config import TRAINABLE
 from .utils import (
     Precision,
     atomic_write,
     cache_dir,
     display_path,
     leave_progress,
+    progress_hidden,
     resolve_precision,
 )
 
@@ -48,7 +50,7 @@ def _model_device(model):
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
-def _as_precision(precision, device):
+def as_precision(precision, device):
     """A `Precision` from a `Precision`, a name ("auto", "fp32", "bf16") or None ("auto")."""
     if isinstance(precision, Precision):
         return precision
@@ -89,7 +91,7 @@ def run_inference(model, dataset, batch_size=24, num_workers=0, device=None, pre
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be float16 or float32, got {dtype}")
     device = torch.device(device) if device is not None else _model_device(model)
-    precision = _as_precision(precision, device)
+    precision = as_precision(precision, device)
     num_rows, sharded = _num_rows(dataset), shard and distributed.is_initialized()
     if sharded:  # this rank's items only; rank 0 alone writes a file
         dataset = Subset(dataset, distributed.shard(len(dataset)))
@@ -102,8 +104,8 @@ def run_inference(model, dataset, batch_size=24, num_workers=0, device=None, pre
     out = None
     try:
         with torch.no_grad():
-            for inputs, indices in tqdm(loader, desc=label, unit="batch", disable=label is None,
-                                        leave=leave_progress()):
+            for inputs, indices in tqdm(loader, desc=label, unit="batch", leave=leave_progress(),
+                                        disable=label is None or progress_hidden()):
                 inputs = precision.images(inputs.to(device, non_blocking=True))  # (B, ...)
                 with precision.autocast(device):
                     outputs = model(inputs)  # `outputs`: (B, ...)
@@ -254,7 +256,7 @@ def stored_local_features(encoder, dataset, batch_size=24, num_workers=0, device
         or the images) or `dataset` has no `paths` (only a `data.WholeDataset` is keyed).
     """
     device = torch.device(device) if device is not None else _model_device(encoder)
-    precision = _as_precision(precision, device)
+    precision = as_precision(precision, device)
     if not hasattr(dataset, "paths") or not len(dataset):
         return None
     image, _ = dataset[0]  # `image`: (3, H, W)
@@ -282,9 +284,6 @@ def stored_local_features(encoder, dataset, batch_size=24, num_workers=0, device
 # ---------------------------------------------------------------------------------------------
 # Why the cache runs under `no_grad()`: what autograd keeps for backward
 # ---------------------------------------------------------------------------------------------
-
-TRAINABLE = ("netvlad", "conv5", "all")
-
 
 def saved_for_backward_mib(fn, exclude=()):
     """(MiB of tensors autograd saves for backward while `fn()` runs, the result of `fn()`).
@@ -331,8 +330,8 @@ def backward_memory_mib(model, batch_size, image_size, trainable="conv5", device
     net = copy.deepcopy(model).to(device).eval()
     net.requires_grad_(trainable == "all")
     net.pool.requires_grad_(True)
-    if trainable == "conv5":
-        net.encoder[-5:].requires_grad_(True)  # conv5_1, ReLU, conv5_2, ReLU, conv5_3
+    if trainable == "conv5":  # the backbone's last block: VGG16's conv5_1, ReLU, ..., conv5_3
+        net.encoder.backbone.split(net.encoder)[1].requires_grad_(True)
     images = torch.zeros(batch_size, 3, *image_size, device=device)  # (B, 3, H, W)
     params = list(net.parameters())
     grad, _ = saved_for_backward_mib(lambda: net(images), exclude=params)

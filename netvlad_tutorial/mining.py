@@ -18,7 +18,7 @@ import threading
 import warnings
 from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from .data import QUERIES_DIR, NegativeSampler, Split, input_transform, load_image
-from .utils import leave_progress
+from .utils import leave_progress, progress_hidden
 
 MinedTuple = namedtuple("MinedTuple",
                         ["query", "positive", "negatives", "d_pos", "d_negs", "sampled"])
@@ -82,8 +82,7 @@ class MiningState:
         rng: the `np.random.Generator` of every draw.
         neg_cache: the `NegativeCache`, hard negatives of last time.
         work_dir: the folder of disk-backed caches (None: in memory only).
-        features: a frozen encoder's cached output (`train.FeatureCache`), or None.
-        net: the module that trains (under torchrun its DDP wrapper), built by the first epoch.
+        workspace: the `Workspace` of mining's distances, reused by every refresh.
     """
 
     split: Split
@@ -92,8 +91,7 @@ class MiningState:
     rng: np.random.Generator
     neg_cache: NegativeCache
     work_dir: Path | None = None
-    features: object = None
-    net: object = None
+    workspace: "Workspace" = field(default_factory=lambda: Workspace())
 
 
 def _float32(x, device):
@@ -117,8 +115,9 @@ def _cpu_view(x):
         return torch.from_numpy(x)
 
 
-class _Workspace(threading.local):
-    """The buffers of `row_distances`, kept across calls (one set per thread).
+class Workspace(threading.local):
+    """The buffers of `row_distances` and `pool_distances`, kept across calls (one set per
+    thread). A training run keeps one in its `MiningState`; a call given none makes its own.
 
     Mining calls `row_distances` once per query; buffers allocated per call (or per block, as
     a mixed float16/float32 `torch.sub` does internally) made glibc's heap grow by gigabytes
@@ -137,10 +136,7 @@ class _Workspace(threading.local):
         return buf[:shape[0]]
 
 
-_WORKSPACE = _Workspace()
-
-
-def row_distances(db_desc, indices, q_row, device=None, block=BLOCK_ROWS):
+def row_distances(db_desc, indices, q_row, device=None, block=BLOCK_ROWS, workspace=None):
     """Euclidean distances (float32) from `q_row` to the database rows `indices`.
 
     The same values, bit for bit, as
@@ -156,8 +152,10 @@ def row_distances(db_desc, indices, q_row, device=None, block=BLOCK_ROWS):
         indices: (n,) int64 database indices.
         q_row: (D,) query descriptor.
         device: where to compute; the blocked path is used on the CPU.
+        workspace: the `Workspace` whose buffers to reuse (None: new ones for this call).
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
+    workspace = workspace if workspace is not None else Workspace()
     db = _cpu_view(db_desc) if device.type == "cpu" else None
     if db is None:
         rows = _float32(db_desc[indices], device)  # (n, D)
@@ -167,12 +165,12 @@ def row_distances(db_desc, indices, q_row, device=None, block=BLOCK_ROWS):
     if len(idx) == 0:
         return out
     dim, rows_n = db.shape[1], min(block, len(idx))
-    q = _WORKSPACE.get("query", (1, dim), torch.float32)[0]  # (D,)
+    q = workspace.get("query", (1, dim), torch.float32)[0]  # (D,)
     q_src = _cpu_view(np.asarray(q_row)[None]) if not torch.is_tensor(q_row) else None
     q.copy_(q_src[0] if q_src is not None else torch.as_tensor(q_row))  # exact in float32
-    diff = _WORKSPACE.get("diff", (rows_n, dim), torch.float32)  # (block, D) float32
+    diff = workspace.get("diff", (rows_n, dim), torch.float32)  # (block, D) float32
     gathered = (diff if db.dtype == torch.float32 else
-                _WORKSPACE.get("gathered", (rows_n, dim), db.dtype))  # (block, D)
+                workspace.get("gathered", (rows_n, dim), db.dtype))  # (block, D)
     for start in range(0, len(idx), block):
         part = idx[start:start + block]
         n = len(part)
@@ -197,7 +195,8 @@ def torch_threads(num_threads):
 
 
 def mine_tuple(q, q_desc_row, db_desc, train_pos_q, sampler, rng, neg_cache=None, *,
-               n_neg_sample=1000, n_neg_dist=100, n_neg=10, margin=0.1, device=None):
+               n_neg_sample=1000, n_neg_dist=100, n_neg=10, margin=0.1, device=None,
+               workspace=None):
     """The best positive and the hard negatives of training query `q` as a `MinedTuple`.
 
     Pure: reads `neg_cache` but does not update it (`mine_triplets` does).
@@ -213,12 +212,14 @@ def mine_tuple(q, q_desc_row, db_desc, train_pos_q, sampler, rng, neg_cache=None
         margin: the margin on squared distances (`TrainConfig.margin`, 0.1); on the plain
             distances compared here, negatives must satisfy `d_neg < d_pos + sqrt(margin)`.
         device: where to compute distances (default: `db_desc`'s device if a tensor, else CPU).
+        workspace: the `Workspace` of the distances (None: new buffers).
     """
     train_pos_q = _checked_positives(q, train_pos_q)
     sampled = np.asarray(sampler.sample(q, n_neg_sample, rng), dtype=np.int64)
     cached = neg_cache[q] if neg_cache is not None else np.empty(0, dtype=np.int64)
     return mine_drawn(q, q_desc_row, db_desc, train_pos_q, sampled, cached,
-                      n_neg_dist=n_neg_dist, n_neg=n_neg, margin=margin, device=device)
+                      n_neg_dist=n_neg_dist, n_neg=n_neg, margin=margin, device=device,
+                      workspace=workspace)
 
 
 def _checked_positives(q, train_pos_q):
@@ -230,14 +231,14 @@ def _checked_positives(q, train_pos_q):
 
 
 def mine_drawn(q, q_desc_row, db_desc, train_pos_q, sampled, cached, *, n_neg_dist, n_neg,
-               margin, device):
+               margin, device, workspace=None):
     """`mine_tuple` once the potential negatives are drawn: the distances to the positives and
     to the candidates (`sampled` and the `cached` negatives of last time), then the choice."""
     if device is None:
         device = db_desc.device if torch.is_tensor(db_desc) else torch.device("cpu")
     candidates = np.unique(np.concatenate([sampled, cached]))  # `candidates`: (C,) sorted
     dist = row_distances(db_desc, np.concatenate([train_pos_q, candidates]), q_desc_row,
-                         device)  # (P + C,)
+                         device, workspace=workspace)  # (P + C,)
     d_pos_all, d_cand = dist[:len(train_pos_q)], dist[len(train_pos_q):]  # (P,), (C,)
     return choose_negatives(q, train_pos_q, candidates, d_pos_all, d_cand, sampled,
                             n_neg_dist=n_neg_dist, n_neg=n_neg, margin=margin)
@@ -286,7 +287,7 @@ def draw_shared(group, sampler, rng, n_neg_sample):
 POOL_BLOCK = 16  # pool rows per block in `pool_distances`: 16 x 32,768 float32 = 2 MiB
 
 
-def pool_distances(db_desc, pool, q_rows, device=None, block=POOL_BLOCK):
+def pool_distances(db_desc, pool, q_rows, device=None, block=POOL_BLOCK, workspace=None):
     """(G, P) float32 Euclidean distances from each query row to the database rows `pool`.
 
     Computed as sqrt(max(0, ‖x‖² + ‖q‖² − 2 q·x)) in float32, one matrix product per block of
@@ -297,8 +298,10 @@ def pool_distances(db_desc, pool, q_rows, device=None, block=POOL_BLOCK):
 
     Args:
         db_desc: (numDb, D) descriptors; pool: (P,) int64 database indices; q_rows: (G, D).
+        workspace: the `Workspace` whose buffers to reuse (None: new ones for this call).
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
+    workspace = workspace if workspace is not None else Workspace()
     db = _cpu_view(db_desc) if device.type == "cpu" else None
     q = _float32(q_rows, device)  # (G, D)
     q_sq = torch.linalg.vector_norm(q, dim=1).square_()  # (G,)
@@ -310,12 +313,12 @@ def pool_distances(db_desc, pool, q_rows, device=None, block=POOL_BLOCK):
         if db is None:
             rows = _float32(db_desc[part.numpy()], device)  # (n, D)
         else:  # gathered and converted in reused buffers (no allocation per block)
-            rows = _WORKSPACE.get("pool_rows", (min(block, len(idx)), db.shape[1]),
+            rows = workspace.get("pool_rows", (min(block, len(idx)), db.shape[1]),
                                   torch.float32)[:n]  # (n, D)
             if db.dtype == torch.float32:
                 torch.index_select(db, 0, part, out=rows)
             else:
-                gathered = _WORKSPACE.get("pool_gathered", (min(block, len(idx)), db.shape[1]),
+                gathered = workspace.get("pool_gathered", (min(block, len(idx)), db.shape[1]),
                                           db.dtype)[:n]
                 torch.index_select(db, 0, part, out=gathered)
                 rows.copy_(gathered)  # float16 -> float32: exact
@@ -325,7 +328,8 @@ def pool_distances(db_desc, pool, q_rows, device=None, block=POOL_BLOCK):
     return out
 
 
-def mine_group(group, pool, pool_dist, q_desc, db_desc, *, n_neg_dist, n_neg, margin, device):
+def mine_group(group, pool, pool_dist, q_desc, db_desc, *, n_neg_dist, n_neg, margin, device,
+               workspace=None):
     """`mine_drawn` for every query of a group: the pool's distances come from one
     `pool_distances` for the group, the rest (positives, cached negatives) from the same
     formula per query."""
@@ -339,7 +343,8 @@ def mine_group(group, pool, pool_dist, q_desc, db_desc, *, n_neg_dist, n_neg, ma
         d_cand = torch.empty(len(candidates))  # (C,)
         d_cand[torch.from_numpy(in_pool)] = pool_dist[g][torch.from_numpy(order[at[in_pool]])]
         rest = np.concatenate([pos, candidates[~in_pool]])  # positives, cached negatives
-        dist = pool_distances(db_desc, rest, q_desc[q][None], device)[0]  # (P + C_rest,)
+        dist = pool_distances(db_desc, rest, q_desc[q][None], device,
+                              workspace=workspace)[0]  # (P + C_rest,)
         d_cand[torch.from_numpy(~in_pool)] = dist[len(pos):]
         tuples.append(choose_negatives(q, pos, candidates, dist[:len(pos)], d_cand, sampled,
                                        n_neg_dist=n_neg_dist, n_neg=n_neg, margin=margin))
@@ -379,7 +384,7 @@ def _chunks(queries, size):
 
 def mine_triplets(queries, q_desc, db_desc, train_positives, sampler, rng, neg_cache, *,
                   n_neg_sample=1000, n_neg_dist=100, n_neg=10, margin=0.1, device=None,
-                  num_threads=1, workers=None, negative_pool="query"):
+                  num_threads=1, workers=None, negative_pool="query", workspace=None):
     """Mine a tuple for each query of `queries`: (list of `MinedTuple`, number of skipped).
 
     Skipped queries (no violating negative) are left out of the list; the negative cache of
@@ -410,6 +415,8 @@ def mine_triplets(queries, q_desc, db_desc, train_positives, sampler, rng, neg_c
             instead of once per query, and its distances to the group are one matrix product
             (`pool_distances`, within about 1e-6 of the direct ones). At Pitts250k scale on a
             CPU, mining is bound by the rows it reads (`benchmarks/scale.py`).
+        workspace: the `Workspace` of the distances, reused across calls (None: new buffers
+            for this call).
         Others: as `mine_tuple`.
     """
     if negative_pool not in ("query", "shared"):
@@ -418,7 +425,9 @@ def mine_triplets(queries, q_desc, db_desc, train_positives, sampler, rng, neg_c
         device = db_desc.device if torch.is_tensor(db_desc) else torch.device("cpu")
     device = torch.device(device)
     workers = 1 if device.type != "cpu" else (workers or mining_workers())
-    settings = dict(n_neg_dist=n_neg_dist, n_neg=n_neg, margin=margin, device=device)
+    workspace = workspace if workspace is not None else Workspace()
+    settings = dict(n_neg_dist=n_neg_dist, n_neg=n_neg, margin=margin, device=device,
+                    workspace=workspace)
     queries = [int(q) for q in queries]
     tuples, num_skipped = [], 0
 
@@ -432,7 +441,8 @@ def mine_triplets(queries, q_desc, db_desc, train_positives, sampler, rng, neg_c
 
     def select_group(item):
         group, pool = item
-        pool_dist = pool_distances(db_desc, pool, q_desc[[g[0] for g in group]], device)
+        pool_dist = pool_distances(db_desc, pool, q_desc[[g[0] for g in group]], device,
+                                   workspace=workspace)
         return mine_group(group, pool, pool_dist, q_desc, db_desc, **settings)
 
     def batches():  # lists of work items, each item's result a list of tuples
@@ -451,7 +461,8 @@ def mine_triplets(queries, q_desc, db_desc, train_positives, sampler, rng, neg_c
             yield select_group, items
 
     with (torch_threads(num_threads), tqdm(total=len(queries), desc="Mining", unit="query",
-                                            leave=leave_progress()) as bar,
+                                            leave=leave_progress(), disable=progress_hidden())
+          as bar,
           ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool):
         for fn, items in batches():
             for result in (pool.map(fn, items) if pool is not None else map(fn, items)):

@@ -10,6 +10,8 @@ import contextlib
 import hashlib
 import json
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -21,20 +23,18 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from . import __version__, distributed
-from .config import TRAINABLE, TrainConfig
+from .config import TRAINABLE, ArgumentError, TrainConfig
 from .data import data_fingerprint, whole_dataset
-from .features import run_inference
+from .features import as_precision, run_inference
 from .utils import (
-    Precision,
     atomic_save,
     cache_dir,
     display_path,
     load_torch_file,
+    progress_hidden,
     resolve_precision,
-    set_seed,
 )
 
-ENCODER_NAME = "vgg16_conv5"
 # torchvision's `VGG16_Weights.IMAGENET1K_V1.url` (a test checks it), named here so that the
 # package never imports torchvision: its import alone costs seconds in every process.
 IMAGENET_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
@@ -106,44 +106,103 @@ def _load_vgg_state(encoder, path):
     raise ValueError(f"{path} is not {layout}; found {found}")
 
 
-def build_encoder(weights=None, trainable=None):
-    """VGG16 up to conv5_3, before its ReLU and pool5: 512 channels at stride 16.
+@dataclass(frozen=True)
+class Backbone:
+    """An encoder the model can be built on: one entry of `BACKBONES`.
+
+    Attributes:
+        name: its key in `BACKBONES`, `TrainConfig.backbone` and checkpoints' `model_config`.
+        build: () -> `nn.Sequential`, images (B, 3, H, W) -> local features (B, D, h, w),
+            randomly initialized (under the caller's torch seed).
+        channels: D, the channels of its local features.
+        tail: its last `tail` modules are the block that `trainable="conv5"` trains (VGG16:
+            conv5_1, ReLU, conv5_2, ReLU, conv5_3); the modules before are its frozen prefix.
+        load: (encoder, path) -> None, copies a weights file into a built encoder.
+        imagenet_path: () -> the `Path` of its ImageNet weights; None: it has none.
+        label: its name in messages (default: `name`).
+    """
+
+    name: str
+    build: Callable
+    channels: int
+    tail: int
+    load: Callable | None = None
+    imagenet_path: Callable | None = None
+    label: str = ""
+
+    def split(self, encoder):
+        """(prefix, tail) of a built `encoder`: the layers before the last block, and it."""
+        return encoder[:-self.tail], encoder[-self.tail:]
+
+
+BACKBONES = {}
+
+
+def register_backbone(backbone):
+    """Add `backbone` (a `Backbone`) to `BACKBONES`; returns it."""
+    BACKBONES[backbone.name] = backbone
+    return backbone
+
+
+def get_backbone(name):
+    """The registered `Backbone` called `name`, with a clear error for an unknown one."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; registered: {', '.join(BACKBONES)}")
+    return BACKBONES[name]
+
+
+# VGG16 up to conv5_3, before its ReLU and pool5: 512 channels at stride 16.
+VGG16 = register_backbone(Backbone("vgg16_conv5", lambda: vgg16_features()[:-2], channels=512,
+                                   tail=5, load=_load_vgg_state,
+                                   imagenet_path=imagenet_weights_path, label="VGG16"))
+
+
+def build_encoder(weights=None, trainable=None, backbone="vgg16_conv5"):
+    """The encoder of `backbone` (default: VGG16 up to conv5_3, 512 channels at stride 16).
 
     Args:
         weights: None (random), "imagenet" (torchvision's file, used only if it is already on
             this machine: nothing is downloaded) or the path of a local state dict.
-        trainable: "all" (every layer trains), "conv5" (only conv5_1..conv5_3, as the
-            reference) or "netvlad" (no encoder layer: a frozen encoder). None: "conv5" with
-            loaded weights, "all" with random ones.
+        trainable: "all" (every layer trains), "conv5" (only the backbone's last block,
+            conv5_1..conv5_3 for VGG16, as the reference) or "netvlad" (no encoder layer: a
+            frozen encoder). None: "conv5" with loaded weights, "all" with random ones.
+        backbone: a name in `BACKBONES`.
 
     Returns:
-        `nn.Sequential` with `weights_source` ("random", "imagenet" or the file) and `name`.
+        `nn.Sequential` with `weights_source` ("random", "imagenet" or the file), `name` and
+        `backbone` (its `Backbone`).
     """
-    encoder = vgg16_features()[:-2]  # drop the last ReLU and pool5
+    spec = get_backbone(backbone)
+    encoder = spec.build()
     source = "random"
     if weights == "imagenet":
-        path = imagenet_weights_path()
-        if path.is_file():
-            _load_vgg_state(encoder, path)
+        path = spec.imagenet_path() if spec.imagenet_path else None
+        if path is not None and path.is_file():
+            spec.load(encoder, path)
             source = "imagenet"
+        elif path is None:
+            warnings.warn(f"{spec.label or spec.name} has no ImageNet weights; continuing with "
+                          "random initialization", stacklevel=2)
         else:
-            warnings.warn(f"ImageNet weights for VGG16 not found at {display_path(path)} "
-                          "(`python -m netvlad_tutorial weights download imagenet` puts them "
-                          "there); continuing with random initialization", stacklevel=2)
+            warnings.warn(f"ImageNet weights for {spec.label or spec.name} not found at "
+                          f"{display_path(path)} (`python -m netvlad_tutorial weights download "
+                          "imagenet` puts them there); continuing with random initialization",
+                          stacklevel=2)
     elif weights is not None:
         path = Path(weights)
         if not path.is_file():
-            raise FileNotFoundError(f"encoder weights {path} not found (expected a VGG16 state "
-                                    "dict saved with torch.save)")
-        _load_vgg_state(encoder, path)
+            raise FileNotFoundError(f"encoder weights {path} not found (expected a {spec.name} "
+                                    "state dict saved with torch.save)")
+        spec.load(encoder, path)
         source = str(path)
     if trainable is None:
         trainable = "all" if source == "random" else "conv5"
     if trainable not in TRAINABLE:
         raise ValueError(f"trainable must be one of {', '.join(TRAINABLE)}, not {trainable!r}")
-    encoder[:-5].requires_grad_(trainable == "all")  # everything before conv5_1
-    encoder[-5:].requires_grad_(trainable != "netvlad")  # conv5_1..conv5_3
-    encoder.weights_source, encoder.name = source, ENCODER_NAME
+    prefix, tail = spec.split(encoder)
+    prefix.requires_grad_(trainable == "all")  # everything before the last block
+    tail.requires_grad_(trainable != "netvlad")  # the last block (VGG16: conv5_1..conv5_3)
+    encoder.weights_source, encoder.name, encoder.backbone = source, spec.name, spec
     return encoder
 
 
@@ -293,11 +352,10 @@ def sample_local_descriptors(encoder, dataset, num_images=500, per_image=100, ba
     images = np.sort(rng.choice(num_db, min(num_images, num_db), replace=False))
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
     net = _UnitLocalDescriptors(encoder).train(encoder.training)  # mode restored after each pass
-    if not isinstance(precision, Precision):  # chosen (and said) before the progress bar starts
-        precision = resolve_precision(precision or "auto", device)
+    precision = as_precision(precision, device)  # chosen (and said) before the progress bar
     descs = []
     for start in tqdm(range(0, len(images), batch_size), desc="Local descriptors for k-means",
-                      unit="batch"):
+                      unit="batch", disable=progress_hidden()):
         batch = _Renumbered(dataset, images[start:start + batch_size])
         # Not sharded under torchrun: a rank that finds the centroid cache skips this pass.
         x = run_inference(net, batch, batch_size, num_workers, device, precision,
@@ -475,13 +533,14 @@ class EmbedNet(nn.Module):
 
 
 def build_model(num_clusters=64, weights=None, pca_dim=None, trainable=None, alpha=100.0,
-                normalize_input=True, bias=False):
-    """VGG16-conv5 + NetVLAD (+ an unfitted PCA whitening layer if `pca_dim`).
+                normalize_input=True, bias=False, backbone="vgg16_conv5"):
+    """Encoder (VGG16-conv5 by default) + NetVLAD (+ an unfitted PCA whitening layer if
+    `pca_dim`).
 
     Args are those of `build_encoder`, `NetVLAD` and `PCAWhitening`.
     """
-    encoder = build_encoder(weights, trainable)
-    dim = encoder[-1].out_channels  # 512
+    encoder = build_encoder(weights, trainable, backbone)
+    dim = get_backbone(backbone).channels  # VGG16: 512
     pool = NetVLAD(num_clusters, dim, alpha, normalize_input, bias)
     pca = PCAWhitening(num_clusters * dim, pca_dim) if pca_dim else None
     return EmbedNet(encoder, pool, pca)
@@ -512,17 +571,24 @@ def prepare_for_device(model, device, fast=True):
 def centroids_path(config, split):
     """A cache file name for the k-means initialization, keyed by everything it depends on,
     the data included (`data_fingerprint`): a regenerated city gets new centroids."""
-    key = json.dumps([str(Path(split.root).resolve()), split.db.dataset, config.image_size,
-                      config.weights, config.num_clusters, config.kmeans_images,
-                      config.kmeans_per_image, config.kmeans_iters, config.seed,
-                      data_fingerprint(split)])
-    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
-    name = f"centroids_vgg16_{config.weights or 'random'}_{split.db.dataset}"
+    key = [str(Path(split.root).resolve()), split.db.dataset, config.image_size,
+           config.weights, config.num_clusters, config.kmeans_images, config.kmeans_per_image,
+           config.kmeans_iters, config.seed, data_fingerprint(split)]
+    if config.backbone != VGG16.name:  # VGG16's key is unchanged since before the registry
+        key.append(config.backbone)
+    digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:10]
+    backbone = "vgg16" if config.backbone == VGG16.name else config.backbone
+    name = f"centroids_{backbone}_{config.weights or 'random'}_{split.db.dataset}"
     return cache_dir() / f"{name}_K{config.num_clusters}_{digest}.pt"
 
 
-def make_model(config, train_split, device, init="kmeans"):
-    """VGG16-conv5 + NetVLAD, seeded, with k-means centroids (computed once, then cached).
+def make_model(config, train_split, device, init="kmeans", precision=None):
+    """`config.backbone` (VGG16-conv5) + NetVLAD, with k-means centroids (computed once, then
+    cached).
+
+    The random weights are drawn from torch's generator seeded by `config.seed` inside
+    `torch.random.fork_rng`: the same weights for a seed, and the global random state is left
+    as it was.
 
     Args:
         train_split: the split to draw k-means descriptors from; None when the weights come
@@ -530,14 +596,17 @@ def make_model(config, train_split, device, init="kmeans"):
             pretrained encoder file needed).
         init: "kmeans", or "random" for the same model with random centroids
             (`random_netvlad`, seeded by `config.seed`): no k-means runs.
+        precision: the run's `utils.Precision` for k-means' encoder pass; None: resolved from
+            `config.precision`.
     """
     if init not in ("kmeans", "random"):
         raise ValueError(f"init must be 'kmeans' or 'random', got {init!r}")
-    set_seed(config.seed)
     # Without a train split no pretrained file is read: the checkpoint holds every weight.
     weights = config.weights if train_split is not None else None
-    model = build_model(num_clusters=config.num_clusters, weights=weights,
-                        trainable=config.trainable)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = build_model(num_clusters=config.num_clusters, weights=weights,
+                            trainable=config.trainable, backbone=config.backbone)
     model.to(device)
     if train_split is None:
         return model
@@ -548,7 +617,7 @@ def make_model(config, train_split, device, init="kmeans"):
                  cache_path=centroids_path(config, train_split),
                  num_images=config.kmeans_images, per_image=config.kmeans_per_image,
                  iters=config.kmeans_iters, seed=config.seed, device=device,
-                 precision=resolve_precision(config.precision, device))
+                 precision=precision or resolve_precision(config.precision, device))
     distributed.sync_module(model)  # torchrun: every rank starts from rank 0's weights
     return model
 
@@ -656,18 +725,15 @@ def _released_model(state, path):
 def _own_model(ckpt, path):
     """An `EmbedNet` from this project's checkpoint (`model_config` + `model` state)."""
     cfg = ckpt["model_config"]
-    if cfg.get("encoder") != ENCODER_NAME:
-        raise ValueError(f"{path}: encoder {cfg.get('encoder')!r} is not {ENCODER_NAME!r}")
-    model = EmbedNet(build_encoder(None),
+    if cfg.get("encoder") not in BACKBONES:
+        raise ValueError(f"{path}: encoder {cfg.get('encoder')!r} is not one of the registered "
+                         f"backbones ({', '.join(BACKBONES)})")
+    model = EmbedNet(build_encoder(None, backbone=cfg["encoder"]),
                      NetVLAD(cfg["num_clusters"], cfg["dim"],
                              normalize_input=cfg["normalize_input"], bias=cfg["bias"]),
                      PCAWhitening(cfg["num_clusters"] * cfg["dim"], cfg["pca_dim"])
                      if cfg.get("pca_dim") else None)
     _load_state(model, ckpt["model"], path, "'model' state dict")
-    stored = ckpt.get("pca")  # PCA whitening fitted after training (`evaluate --pca`)
-    if model.pca is None and isinstance(stored, dict):
-        model.pca = PCAWhitening(stored["in_dim"], stored["out_dim"])
-        _load_state(model.pca, stored["state_dict"], path, "'pca' state dict")
     return model
 
 
@@ -746,8 +812,8 @@ def load_checkpoint(path, expected_config=None, contents=None):
     if not path.is_file():
         hint = ""
         if path.name == "best.pth" and (path.parent / "latest.pth").is_file():
-            hint = (f"; {path.parent} holds an interrupted run: `train --resume --out "
-                    f"{path.parent}` completes it and writes {path.name}")
+            hint = (f"; {path.parent} holds an interrupted run: resuming it (`resume=True`) "
+                    f"completes it and writes {path.name}")
         raise FileNotFoundError(f"checkpoint {path} not found (expected RUN_DIR/best.pth or "
                                 f"RUN_DIR/latest.pth, written by `netvlad_tutorial train`){hint}")
     ckpt = contents if contents is not None else load_torch_file(path, "checkpoint")
@@ -761,8 +827,9 @@ def load_checkpoint(path, expected_config=None, contents=None):
 def check_model_config(ckpt, path, expected_config):
     """Raise unless checkpoint `ckpt` (read from `path`) is of the model `expected_config`."""
     if ckpt["model_config"] != expected_config:
-        raise ValueError(f"checkpoint {path} was saved for model {ckpt['model_config']}, "
-                         f"but this run builds {expected_config}; use the matching --preset")
+        raise ArgumentError(f"checkpoint {path} was saved for model {ckpt['model_config']}, "
+                            f"but this run builds {expected_config}; use the matching `preset`",
+                            preset="`preset`")
 
 
 def checkpoint_config(ckpt, path, strict=True):

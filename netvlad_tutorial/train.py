@@ -1,8 +1,9 @@
 """Stage 5: training with hard-negative mining and cache refreshes, checkpoints, resume.
 
 Read top to bottom like the notebook `05_training.ipynb`:
-what a run costs -> the optimizer -> the frozen-encoder feature cache -> one epoch (refresh the
-cache, mine, train) -> the run folder -> the whole run, in named steps.
+what a run costs -> the optimizer -> one epoch (refresh the descriptor cache, mine, train) ->
+the run folder -> the whole run, in named steps. How the model runs (precision, images or
+cached local features) is decided once, by the run's `run_model.RunModel`.
 """
 
 import csv
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import __version__, distributed
-from .config import TrainConfig
+from .config import ArgumentError, TrainConfig
 from .data import (
     DataLayoutError,
     NegativeSampler,
@@ -29,17 +30,8 @@ from .data import (
     input_transform,
     load_split,
     train_positives,
-    whole_dataset,
 )
 from .evaluate import evaluate_split
-from .features import (
-    IN_MEMORY_LIMIT_MIB,
-    FeatureDataset,
-    cache_memory_mib,
-    compute_descriptors,
-    compute_local_features,
-    stored_local_features,
-)
 from .mining import (
     POOL_GROUP,
     MiningState,
@@ -47,16 +39,17 @@ from .mining import (
     TripletDataset,
     collate_fn,
     mine_triplets,
-    triplet_loss,
 )
 from .model import (
     check_model_config,
     checkpoint_config,
+    get_backbone,
     load_checkpoint,
     load_weights,
     make_model,
     model_config,
 )
+from .run_model import RunModel
 from .utils import (
     atomic_json,
     atomic_save,
@@ -64,9 +57,10 @@ from .utils import (
     check_device,
     display_path,
     fault_point,
+    progress_hidden,
     remove_temporary_files,
     resolve_device,
-    resolve_precision,
+    set_seed,
     transient_progress,
 )
 
@@ -84,7 +78,8 @@ def estimate_run(config, num_db, num_q, verbose=True):
     Each epoch mines `min(num_q, max_queries)` queries; before every `cache_refresh` of them the
     whole training split (database + queries) is encoded again, then every mined tuple encodes
     its query, its positive and at most `n_neg` negatives (an upper bound: skipped queries and
-    fewer violating negatives encode less). The cache holds one K*512-D vector per image.
+    fewer violating negatives encode less). The cache holds one K*D-D vector per image (D:
+    the backbone's channels, 512 for VGG16).
 
     Args:
         config: a `TrainConfig`.
@@ -102,7 +97,7 @@ def estimate_run(config, num_db, num_q, verbose=True):
     refreshes = math.ceil(queries / config.cache_refresh)
     cache_images = refreshes * (num_db + num_q)
     train_images = queries * (2 + config.n_neg)
-    dim = config.num_clusters * 512  # VGG16 conv5: 512 channels
+    dim = config.num_clusters * get_backbone(config.backbone).channels  # K * D
     est = {"queries_per_epoch": queries, "refreshes_per_epoch": refreshes,
            "cache_images_per_epoch": cache_images, "train_images_per_epoch": train_images,
            "images_per_epoch": cache_images + train_images,
@@ -143,133 +138,47 @@ def make_optimizer(config, model):
 
 
 # ---------------------------------------------------------------------------------------------
-# A frozen encoder runs once: the local-feature cache
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FeatureCache:
-    """The encoder's output (N, D, h, w) float16 for every image of the train and val splits.
-
-    Used when no encoder weight trains (`EmbedNet.encoder_frozen`, e.g. the `tiny` preset):
-    the encoder then maps each image to the same features in every epoch, so it runs once per
-    image and every cache refresh, training step and validation runs only NetVLAD. With
-    conv5 trainable (the ImageNet setting) the features change at every step and this does not
-    apply.
-    """
-
-    train: np.ndarray
-    val: np.ndarray
-
-
-def make_feature_cache(model, train_split, val_split, config, device, work_dir=None):
-    """A `FeatureCache` of both splits if `model`'s encoder is frozen, else None.
-
-    `config.feature_cache=False` turns it off (the plain path, images every time).
-
-    Args:
-        work_dir: folder of the disk-backed arrays when `config.cache_storage` asks for disk
-            (or "auto" and the features are large).
-    """
-    if not (config.feature_cache and model.encoder_frozen):
-        return None
-    precision = resolve_precision(config.precision, device)
-    arrays = {}
-    for name, split in (("train", train_split), ("val", val_split)):
-        path = Path(work_dir) / f"features_{name}.npy" if work_dir is not None else None
-        storage = config.cache_storage
-        if storage != "memory" and path is None:
-            storage = "memory"
-        dataset, label = whole_dataset(split, config), f"Encoding {name} images once"
-        arrays[name] = None if storage == "disk" else stored_local_features(
-            model.encoder, dataset, batch_size=config.cache_batch_size,
-            num_workers=config.num_workers, device=device, precision=precision, label=label)
-        if arrays[name] is None:  # large, or disk asked for: this run's own array
-            arrays[name] = compute_local_features(
-                model.encoder, dataset, batch_size=config.cache_batch_size,
-                num_workers=config.num_workers, device=device, precision=precision,
-                storage=storage, out_path=path, label=label)
-    return FeatureCache(**arrays)
-
-
-# ---------------------------------------------------------------------------------------------
 # One epoch: refresh the cache, mine tuples, train on them, repeat
 # ---------------------------------------------------------------------------------------------
 
 
-def refresh_cache(model, state, config, device):
-    """float16 descriptors (numDb + numQ, out_dim) of the whole training split, current model.
-
-    Stored in RAM, or in a disk-backed array (`state.work_dir`) when `config.cache_storage`
-    is "disk", or "auto" and the cache is larger than `features.IN_MEMORY_LIMIT_MIB`.
-    """
-    split, features = state.split, state.features
-    num_images = split.db.numDb + split.db.numQ
-    storage = config.cache_storage
-    if storage == "auto":
-        mib = cache_memory_mib(num_images, model.out_dim, np.float16)
-        storage = "memory" if mib <= IN_MEMORY_LIMIT_MIB else "disk"
-    out_path = None
-    if storage == "disk" and state.work_dir is not None:
-        out_path = Path(state.work_dir) / "descriptor_cache.npy"
-    if features is not None:
-        net, dataset = model.head, FeatureDataset(features.train)
-    else:
-        net, dataset = model, whole_dataset(split, config)
-    return compute_descriptors(net, dataset, batch_size=config.cache_batch_size,
-                               num_workers=0 if features is not None else config.num_workers,
-                               device=device, precision=resolve_precision(config.precision,
-                                                                          device),
-                               dtype=np.float16, out_path=out_path, label="Refreshing cache")
-
-
-def tuple_loader(tuples, state, config, device, plan=None):
-    """Batches of `collate_fn` over the mined tuples: images, or their cached local features.
+def train_epoch(run, optimizer, state, config):
+    """One pass over the training queries, refreshing the cache every `cache_refresh` queries.
 
     Args:
-        plan: under torchrun, this rank's `distributed.Share`s: one batch per global batch.
+        run: the run's `RunModel`: it gives the descriptors and takes the training steps.
+        state: the `mining.MiningState` shared across epochs (the negative cache and the RNG
+            carry over), with the `work_dir` of disk-backed caches.
+
+    Returns:
+        dict with the mean loss, the number of tuples trained on and of skipped queries.
     """
-    split, features = state.split, state.features
-    dataset = TripletDataset(split.root, split.db, tuples,
-                             transform=input_transform(config.image_size),
-                             queries_dir=split.queries_dir,
-                             features=None if features is None else features.train)
-    batching = ({"batch_size": config.batch_size, "shuffle": False} if plan is None
-                else {"batch_sampler": [share.local for share in plan]})
-    return DataLoader(dataset, **batching,
-                      num_workers=0 if features is not None else config.num_workers,
-                      collate_fn=collate_fn, pin_memory=device.type == "cuda")
+    queries, num_db = epoch_queries(state, config), state.split.db.numDb
+    total_loss, num_tuples, num_skipped = 0.0, 0, 0
+    for start in range(0, len(queries), config.cache_refresh):
+        # 1. Refresh the cache: descriptors of the whole training split with the current model.
+        cache = run.descriptors(state.split, "train", label="Refreshing cache",
+                                work_dir=state.work_dir)  # (numDb + numQ, out_dim) float16
+        db_desc, q_desc = cache[:num_db], cache[num_db:]
+        # 2. Mine: best positive and hard negatives for each query of this subset.
+        subset = queries[start:start + config.cache_refresh]
+        tuples, skipped = mine_shared(subset, q_desc, db_desc, state, config)
+        num_skipped += skipped
+        # 3. Train on the mined tuples, one batch at a time.
+        run.model.train()
+        for batch, share in tuple_batches(tuples, run, state, config):
+            loss, num = run.train_step(batch, optimizer, config.margin, share)
+            total_loss += loss * num
+            num_tuples += num
+    return {"loss": total_loss / max(num_tuples, 1), "tuples": num_tuples,
+            "skipped": num_skipped}
 
 
-def train_step(net, batch, optimizer, config, device, images=True, share=None):
-    """One SGD step on a batch of tuples; returns (loss, number of tuples).
-
-    Args:
-        net: the model on images, or `model.head` on cached local features (`images=False`);
-            under torchrun its `distributed.ddp` wrapper.
-        batch: `(query, positive, negatives, neg_counts, indices)` from `collate_fn`.
-        share: under torchrun, this rank's `distributed.Share` of the global batch: the step
-            is then that of the global batch, whose loss and size are returned.
-    """
-    query, positive, negatives, neg_counts, _ = batch
-    precision = resolve_precision(config.precision, device)
-    inputs = torch.cat([query, positive, negatives]).to(device)  # (2B + sum(neg_counts), ...)
-    if images:
-        inputs = precision.images(inputs)
-    with precision.autocast(device):
-        desc = net(inputs)
-    desc = desc.float()
-    B = query.shape[0]
-    q, p, n = desc[:B], desc[B:2 * B], desc[2 * B:]  # `q`, `p`: (B, dim); `n`: (N, dim)
-    loss = triplet_loss(q, p, n, neg_counts.to(device), margin=config.margin)
-    value = None
-    if share is not None:  # the all-reduced gradient is that of the global batch's loss
-        loss, value = distributed.share_loss(loss, len(n), share)
-        B = len(share.global_)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return (loss.item() if value is None else value), B
+def epoch_queries(state, config):
+    """This epoch's training queries (those with a training positive), shuffled, at most
+    `config.max_queries` of them."""
+    queries = np.array([q for q, pos in enumerate(state.positives) if len(pos) > 0])
+    return queries[state.rng.permutation(len(queries))][:config.max_queries]
 
 
 def mine_shared(subset, q_desc, db_desc, state, config):
@@ -292,7 +201,8 @@ def mine_shared(subset, q_desc, db_desc, state, config):
         mined = mine_triplets(subset, q_desc, db_desc, state.positives, state.sampler,
                               rng, neg_cache, n_neg_sample=config.n_neg_sample,
                               n_neg_dist=config.n_neg_dist, n_neg=config.n_neg,
-                              margin=config.margin, negative_pool=config.negative_pool)
+                              margin=config.margin, negative_pool=config.negative_pool,
+                              workspace=state.workspace)
     if not distributed.is_initialized():
         return mined
     shared = distributed.broadcast_object(
@@ -302,56 +212,26 @@ def mine_shared(subset, q_desc, db_desc, state, config):
     return tuples, skipped
 
 
-def epoch_queries(state, config):
-    """This epoch's training queries (those with a training positive), shuffled, at most
-    `config.max_queries` of them."""
-    queries = np.array([q for q, pos in enumerate(state.positives) if len(pos) > 0])
-    return queries[state.rng.permutation(len(queries))][:config.max_queries]
-
-
-def train_on(tuples, model, optimizer, state, config, device):
-    """Train on mined `tuples`, one batch at a time; yields (loss, number of tuples) per step."""
-    model.train()
-    cached = state.features is not None
+def tuple_batches(tuples, run, state, config):
+    """(batch, share) over the mined tuples: `collate_fn` batches of their images, or of their
+    cached local features (the run's source decides); `share` is this rank's
+    `distributed.Share` of the global batch under torchrun, else None."""
+    if not tuples:
+        return
     plan = (distributed.batch_plan([len(t.negatives) for t in tuples], config.batch_size)
             if distributed.is_initialized() else None)
-    for i, batch in enumerate(tqdm(tuple_loader(tuples, state, config, device, plan),
-                                   desc="Training", leave=False)):
-        yield train_step(state.net, batch, optimizer, config, device, images=not cached,
-                         share=None if plan is None else plan[i])
-
-
-def train_epoch(model, optimizer, state, config, device):
-    """One pass over the training queries, refreshing the cache every `cache_refresh` queries.
-
-    Args:
-        state: the `mining.MiningState` shared across epochs (the negative cache and the RNG
-            carry over), with the `features` of a frozen encoder (see `make_feature_cache`)
-            and the `work_dir` of disk-backed caches.
-
-    Returns:
-        dict with the mean loss, the number of tuples trained on and of skipped queries.
-    """
-    queries, num_db = epoch_queries(state, config), state.split.db.numDb
-    if state.net is None:  # the trainable module; under torchrun its DDP wrapper, built once
-        state.net = distributed.ddp(model.head if state.features is not None else model)
-    total_loss, num_tuples, num_skipped = 0.0, 0, 0
-    for start in range(0, len(queries), config.cache_refresh):
-        # 1. Refresh the cache: descriptors of the whole training split with the current model.
-        cache = refresh_cache(model, state, config, device)
-        db_desc, q_desc = cache[:num_db], cache[num_db:]
-        # 2. Mine: best positive and hard negatives for each query of this subset.
-        subset = queries[start:start + config.cache_refresh]
-        tuples, skipped = mine_shared(subset, q_desc, db_desc, state, config)
-        num_skipped += skipped
-        if not tuples:
-            continue
-        # 3. Train on the mined tuples.
-        for loss, num in train_on(tuples, model, optimizer, state, config, device):
-            total_loss += loss * num
-            num_tuples += num
-    return {"loss": total_loss / max(num_tuples, 1), "tuples": num_tuples,
-            "skipped": num_skipped}
+    split = state.split
+    dataset = TripletDataset(split.root, split.db, tuples,
+                             transform=input_transform(config.image_size),
+                             queries_dir=split.queries_dir,
+                             features=run.source.tuple_features("train"))
+    batching = ({"batch_size": config.batch_size, "shuffle": False} if plan is None
+                else {"batch_sampler": [share.local for share in plan]})
+    loader = DataLoader(dataset, **batching, num_workers=run.source.num_workers,
+                        collate_fn=collate_fn, pin_memory=run.device.type == "cuda")
+    bar = tqdm(loader, desc="Training", leave=False, disable=progress_hidden())
+    for i, batch in enumerate(bar):
+        yield batch, None if plan is None else plan[i]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,11 +250,10 @@ def _set_rng_states(rng, states):
     random.setstate(states["python"])
 
 
+# How the library names `train`'s arguments in its errors (`config.ArgumentError`).
+RUN_ARGUMENTS = {"resume": "`resume=True`", "overwrite": "`overwrite=True`", "out": "`run_dir`"}
 RUN_FILES = ("latest.pth", "best.pth", "log.json", "log.csv", "finished", "config.json",
              "data.json")
-# Settings that may change between the runs of one folder (`--resume`): not part of its identity.
-RESUMABLE_CHANGES = ("epochs", "precision", "device", "num_workers", "cache_storage",
-                     "feature_cache")
 # Settings that may change between the runs of one folder (`--resume`): not part of its identity.
 RESUMABLE_CHANGES = ("epochs", "precision", "device", "num_workers", "cache_storage",
                      "feature_cache")
@@ -404,8 +283,9 @@ def _read_json(path):
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
-        raise ValueError(f"{path} is not readable JSON ({err}); the run folder is damaged: use "
-                         "a new --out, or --overwrite to start this one again") from err
+        raise ArgumentError(f"{path} is not readable JSON ({err}); the run folder is damaged: "
+                            "use a new `run_dir`, or `overwrite=True` to start this one again",
+                            **RUN_ARGUMENTS) from err
 
 
 def _check_run_config(run_dir, config, train_split=None):
@@ -423,16 +303,17 @@ def _check_run_config(run_dir, config, train_split=None):
     changed = sorted(k for k in wanted if k not in RESUMABLE_CHANGES and saved.get(k) != wanted[k]
                      and not (k == "data_root" and _same_path(saved[k], wanted[k])))
     if changed:
-        raise ValueError(f"{run_dir} holds a run with another configuration (changed: "
-                         f"{', '.join(changed)}); resume it with its own settings, give a new "
-                         "--out, or --overwrite to replace it")
+        raise ArgumentError(f"{run_dir} holds a run with another configuration (changed: "
+                            f"{', '.join(changed)}); resume it with its own settings, give a "
+                            "new `run_dir`, or `overwrite=True` to replace it", **RUN_ARGUMENTS)
     data_file = run_dir / "data.json"
     if train_split is not None and data_file.exists():
         saved = _read_json(data_file).get("train_fingerprint")
         if saved != data_fingerprint(train_split):
-            raise ValueError(f"{run_dir} holds a run trained on other data than "
-                             f"{train_split.root} (was the city regenerated?); give its data, "
-                             "a new --out, or --overwrite to replace it")
+            raise ArgumentError(f"{run_dir} holds a run trained on other data than "
+                                f"{train_split.root} (was the city regenerated?); give its "
+                                "data, a new `run_dir`, or `overwrite=True` to replace it",
+                                **RUN_ARGUMENTS)
 
 
 def _check_run_dir(run_dir, resume, overwrite):
@@ -443,12 +324,14 @@ def _check_run_dir(run_dir, resume, overwrite):
     """
     found = [name for name in RUN_FILES if (run_dir / name).exists()]
     if found and not resume and not overwrite:
-        raise ValueError(f"{run_dir} already holds a run ({', '.join(found)}); give --resume to "
-                         "continue it, a new --out, or --overwrite to replace it")
+        raise ArgumentError(f"{run_dir} already holds a run ({', '.join(found)}); give "
+                            "`resume=True` to continue it, a new `run_dir`, or `overwrite=True` "
+                            "to replace it", **RUN_ARGUMENTS)
     if resume and not (run_dir / "latest.pth").exists() and set(found) - {"config.json",
                                                                            "data.json"}:
-        raise ValueError(f"{run_dir} has {', '.join(found)} but no latest.pth, so it cannot be "
-                         "resumed; give a new --out, or --overwrite to replace it")
+        raise ArgumentError(f"{run_dir} has {', '.join(found)} but no latest.pth, so it cannot "
+                            "be resumed; give a new `run_dir`, or `overwrite=True` to replace it",
+                            **RUN_ARGUMENTS)
     return found
 
 
@@ -486,10 +369,11 @@ def _repair_run(run_dir, latest):
         best = None
     if best is None or best.get("epoch") != best_epoch:
         if best_epoch != latest["epoch"]:
-            raise ValueError(f"{best_path} should hold epoch {best_epoch} (the best by "
-                             f"{run_dir / 'latest.pth'}), but holds "
-                             f"{'nothing readable' if best is None else best.get('epoch')}; "
-                             "it cannot be rebuilt: give a new --out, or --overwrite")
+            raise ArgumentError(f"{best_path} should hold epoch {best_epoch} (the best by "
+                                f"{run_dir / 'latest.pth'}), but holds "
+                                f"{'nothing readable' if best is None else best.get('epoch')}; "
+                                "it cannot be rebuilt: give a new `run_dir`, or "
+                                "`overwrite=True`", **RUN_ARGUMENTS)
         print(f"Repairing {display_path(best_path)}: epoch {best_epoch}, from latest.pth")
         atomic_save(latest, best_path)
     _write_log(run_dir, latest["history"])
@@ -518,9 +402,8 @@ def prepare_run(config, run_dir, resume, overwrite):
         or None to start from scratch.
     """
     if resume and overwrite:
-        raise ValueError("give either resume or overwrite, not both")
-    if config.epochs < 1:
-        raise ValueError(f"epochs is {config.epochs}: a run needs at least 1 epoch")
+        raise ArgumentError("give either `resume=True` or `overwrite=True`, not both",
+                            **RUN_ARGUMENTS)
     found = _check_run_dir(run_dir, resume, overwrite)
     device = resolve_device(config)
     train_split = load_split(config.data_root, "train", name=config.dataset, allow_flat=False)
@@ -576,14 +459,10 @@ def resume_from(latest, run_dir, model, optimizer, scheduler, state, config):
     return record
 
 
-def validate(model, val_split, state, config, device):
-    """Recall@N on the validation split; under torchrun the same on every rank.
-
-    With `config.feature_cache` off, validation encodes the images every epoch too (no local
-    features kept between runs either): the plain path, for comparison."""
-    recalls = evaluate_split(model, val_split, config, device,
-                             features=getattr(state.features, "val", None),
-                             stored=config.feature_cache)
+def validate(run, val_split, config):
+    """Recall@N on the validation split, from the run's source (the val split's local
+    features, or its images); under torchrun the same on every rank."""
+    recalls = evaluate_split(run, val_split, config, run.device, key="val")
     return distributed.broadcast_object(recalls)  # one early-stop decision for all
 
 
@@ -621,7 +500,7 @@ def train(config, run_dir, resume=False, stop_after=None, overwrite=False):
 
     Args:
         config: a `TrainConfig` (see `PRESETS`).
-        run_dir: the run folder; `--resume` continues from its `latest.pth`.
+        run_dir: the run folder; `resume` continues from its `latest.pth`.
         resume: continue an interrupted run with the same final weights as an uninterrupted one
             (or extend a finished one to more `epochs`); a folder with no run starts fresh.
         stop_after: stop after this many epochs in this call (simulates an interruption).
@@ -631,11 +510,14 @@ def train(config, run_dir, resume=False, stop_after=None, overwrite=False):
         the per-epoch history (list of dicts), also in `run_dir/log.json` and `log.csv`.
 
     Raises:
+        config.ArgumentError (a ValueError) for a run folder that these arguments cannot use;
         ValueError, FileNotFoundError, OSError: with one line naming the file and the choices.
     """
     run_dir = Path(run_dir)
     device, train_split, val_split, latest = prepare_run(config, run_dir, resume, overwrite)
-    model = make_model(config, train_split, device)
+    set_seed(config.seed)  # the run's global random state (checkpoints save it for resume)
+    run = RunModel.build(config, train_split, device)  # decides precision and source, once
+    model = run.model
     optimizer, scheduler = make_optimizer(config, model)
     distributed.announce(config.batch_size, config.lr)
     state, record = mining_state(config, train_split, run_dir), RunRecord()
@@ -643,20 +525,20 @@ def train(config, run_dir, resume=False, stop_after=None, overwrite=False):
         record = resume_from(latest, run_dir, model, optimizer, scheduler, state, config)
         del latest
     # A frozen encoder (the tiny preset) is run once per image here, not in every epoch.
-    state.features = make_feature_cache(model, train_split, val_split, config, device, run_dir)
+    run.source.prepare({"train": train_split, "val": val_split}, run_dir)
     for epochs_run, epoch in enumerate(range(record.start_epoch, config.epochs), start=1):
         if stops_early(record, epoch, config):
             break
         t0 = time.perf_counter()
         with transient_progress():  # the epoch's bars are erased; its summary line stays
-            stats = train_epoch(model, optimizer, state, config, device)
+            stats = train_epoch(run, optimizer, state, config)
         fault_point("epoch-trained")
         if stats["tuples"] == 0:
             print(f"epoch {epoch}: no tuple to train on ({stats['skipped']} queries skipped: "
                   "no negative violates the margin)")
         scheduler.step()
         with transient_progress():
-            recalls = validate(model, val_split, state, config, device)
+            recalls = validate(run, val_split, config)
         is_best = record_epoch(record, epoch, stats, recalls, optimizer, time.perf_counter() - t0)
         ckpt = make_checkpoint(config, model, optimizer, scheduler, epoch, state, record)
         _commit_epoch(run_dir, ckpt, is_best)

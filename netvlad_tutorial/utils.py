@@ -456,19 +456,36 @@ def display_path(path):
 
 
 _TRANSIENT_PROGRESS = contextvars.ContextVar("transient_progress", default=False)
+_HIDDEN_PROGRESS = contextvars.ContextVar("hidden_progress", default=False)
 
 
 @contextlib.contextmanager
-def transient_progress():
-    """Progress bars started inside the block are erased when they finish (`leave_progress`):
-    a training epoch's bars go, and the epoch's one summary line stays."""
-    token = _TRANSIENT_PROGRESS.set(True)
+def _true_inside(flag):
+    """Set the context variable `flag` to True inside the block."""
+    token = flag.set(True)
     try:
         yield
     finally:
-        _TRANSIENT_PROGRESS.reset(token)
+        flag.reset(token)
+
+
+def transient_progress():
+    """Progress bars started inside the block are erased when they finish (`leave_progress`):
+    a training epoch's bars go, and the epoch's one summary line stays."""
+    return _true_inside(_TRANSIENT_PROGRESS)
 
 
 def leave_progress():
     """tqdm's `leave`: False inside `transient_progress()`, else True."""
     return not _TRANSIENT_PROGRESS.get()
+
+
+def hidden_progress():
+    """The package's progress bars started inside the block are not shown (`progress_hidden`),
+    e.g. on the ranks other than 0 under torchrun (`distributed.quiet_other_ranks`)."""
+    return _true_inside(_HIDDEN_PROGRESS)
+
+
+def progress_hidden():
+    """tqdm's `disable`: True inside `hidden_progress()`, else False."""
+    return _HIDDEN_PROGRESS.get()

@@ -216,33 +216,6 @@ def show_images(images, titles=None, frames=None, ncols=6, size=2.4):
     return fig
 
 
-def plot_tuple(query_img, positive_img, negative_imgs, d_pos, d_negs, ncols=6):
-    """A training tuple: query | best positive | hard negatives, with descriptor distances."""
-    titles = ["query", f"best positive\nd = {d_pos:.3f}"]
-    titles += [f"negative {i + 1}\nd = {d:.3f}" for i, d in enumerate(d_negs)]
-    frames = [None, "green"] + ["red"] * len(negative_imgs)
-    return show_images([query_img, positive_img, *negative_imgs], titles, frames, ncols=ncols)
-
-
-def plot_retrievals(query_imgs, retrieved_imgs, correct, distances=None, k=5):
-    """Rows of query | top-k database images, framed green (correct) or red (wrong).
-
-    Args:
-        query_imgs: Q images; retrieved_imgs: per query, its retrieved images, nearest first.
-        correct: (Q, >= k) booleans; distances: optional (Q, >= k) descriptor distances.
-    """
-    images, titles, frames = [], [], []
-    for i, query in enumerate(query_imgs):
-        images += [query, *retrieved_imgs[i][:k]]
-        titles.append("query")
-        frames.append(None)
-        for j in range(k):
-            titles.append(f"top-{j + 1}" + ("" if distances is None
-                                            else f"\nd = {distances[i][j]:.3f}"))
-            frames.append("green" if correct[i][j] else "red")
-    return show_images(images, titles, frames, ncols=k + 1)
-
-
 # ---------------------------------------------------------------------------------------------
 # Notebooks 05, 06: curves
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .config import ArgumentError
 from .model import IMAGENET_URL, detect_model_format, imagenet_weights_path
 from .utils import atomic_write, load_torch_file
 
@@ -181,10 +182,10 @@ def download_weights(name, base_url=None, progress=True, allow_unverified=False,
         print(f"  use: {entry.usage.replace('<path>', str(path))}")
         return path
     if expected is None and not allow_unverified:
-        raise ValueError(f"{entry.name}: {NO_PUBLISHED_HASH}, so its contents cannot be checked "
-                         "against the authors'. Pass allow_unverified=True (CLI: "
-                         "--allow-unverified) to download it anyway: it is still read without "
-                         "running code and its layout is checked")
+        raise ArgumentError(f"{entry.name}: {NO_PUBLISHED_HASH}, so its contents cannot be "
+                            "checked against the authors'. Pass `allow_unverified=True` to "
+                            "download it anyway: it is still read without running code and its "
+                            "layout is checked", allow_unverified="`allow_unverified=True`")
     path.parent.mkdir(parents=True, exist_ok=True)
     url = weights_url(entry, base_url)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.download")

@@ -62,11 +62,14 @@ def test_backward_memory_vgg16_all_minus_conv5_closed_form():
 
 
 def _mini_vgg():
-    """VGG16's pattern in miniature: a block, a max-pool, then conv5_1 … conv5_3."""
+    """VGG16's pattern in miniature: a block, a max-pool, then conv5_1 … conv5_3 (its last
+    block, `tail` 5, as VGG16's)."""
     layers = [nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
     for i in range(3):
         layers += [nn.Conv2d(8, 8, 3, padding=1)] + ([nn.ReLU(inplace=True)] if i < 2 else [])
-    return model.EmbedNet(nn.Sequential(*layers), model.NetVLAD(num_clusters=4, dim=8))
+    encoder = nn.Sequential(*layers)
+    encoder.backbone = model.Backbone("mini_vgg", lambda: None, channels=8, tail=5)
+    return model.EmbedNet(encoder, model.NetVLAD(num_clusters=4, dim=8))
 
 
 def test_backward_memory_meta_equals_a_real_forward_pass():

@@ -13,7 +13,6 @@ from netvlad_tutorial.data import (
     DataLayoutError,
     DbStruct,
     NegativeSampler,
-    QueryDataset,
     WholeDataset,
     check_data,
     eval_positives,
@@ -294,18 +293,6 @@ def test_whole_dataset_is_database_then_queries(toy_root):
     # queries_real/, not from the root.
     assert ds[db.numDb][0][1].mean() > ds[db.numDb][0][2].mean()
     assert ds[0][0][2].mean() > ds[0][0][1].mean()
-
-
-def test_query_dataset_keeps_queries_with_training_positives(toy_root):
-    root, db = toy_root
-    ds = QueryDataset(root, db)
-    want = [q for q, p in enumerate(brute_positives(db, 10)) if len(p)]
-    assert ds.queries.tolist() == want and len(ds) == len(want)
-    for i, q in enumerate(want):
-        x, index = ds[i]
-        assert index == q
-        with Image.open(root / "queries_real" / db.qImage[q]) as img:
-            torch.testing.assert_close(x, input_transform()(img.convert("RGB")))
 
 
 def test_corrupt_and_missing_images_name_the_file(toy_root):

@@ -8,8 +8,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "netvlad_tutorial"
 
 # The import order, earliest first: a module may import only those before it.
 STAGES = ["utils", "distributed", "config", "data", "synthetic", "world", "features", "model",
-          "pretrain", "pooling", "weights", "datasets", "mining", "evaluate", "search", "rerank",
-          "train", "viz", "cli", "__main__"]
+          "pretrain", "pooling", "weights", "datasets", "mining", "run_model", "evaluate",
+          "search", "rerank", "train", "viz", "cli", "__main__"]
 LAZY_IMPORTS = {"cli"}  # imports inside its functions keep `--help` fast; nothing else may
 
 

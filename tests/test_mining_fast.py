@@ -9,6 +9,7 @@ import torch
 from netvlad_tutorial.mining import (
     POOL_GROUP,
     NegativeCache,
+    Workspace,
     _chunks,
     _float32,
     draw_shared,
@@ -130,17 +131,18 @@ def test_row_distances_reuses_its_buffers_and_allocates_only_the_result():
 
     db, q = _hand_built(np.float16)
     idx = np.r_[0:50, 7]
+    work = Workspace()
     with torch_threads(1):
-        first = row_distances(db, idx, q[0])  # allocates the workspace once
+        first = row_distances(db, idx, q[0], workspace=work)  # allocates the buffers once
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            again = row_distances(db, idx, q[0])
+            again = row_distances(db, idx, q[0], workspace=work)
     allocated = sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
     assert torch.equal(first, again)
     assert allocated <= 4 * len(idx) + 1024  # the float32 result (and a few index bytes)
     wider = np.ones((3, 600), np.float16)  # a larger dimension: the buffers grow, still exact
-    assert torch.allclose(row_distances(wider, np.array([0, 2]), np.zeros(600, np.float16)),
-                          torch.full((2,), 600 ** 0.5))
-    assert torch.equal(row_distances(db, idx, q[0]), first)
+    assert torch.allclose(row_distances(wider, np.array([0, 2]), np.zeros(600, np.float16),
+                                        workspace=work), torch.full((2,), 600 ** 0.5))
+    assert torch.equal(row_distances(db, idx, q[0], workspace=work), first)
 
 
 def test_mining_agrees_with_a_float64_brute_force():
@@ -341,5 +343,5 @@ def test_config_refuses_an_unknown_negative_pool():
     from netvlad_tutorial.config import TrainConfig
 
     assert TrainConfig().negative_pool == "query"  # the reference by default
-    with pytest.raises(ValueError, match="negative_pool must be 'query' or 'shared'"):
+    with pytest.raises(ValueError, match="negative_pool` must be one of 'query', 'shared'"):
         TrainConfig(negative_pool="pooled")

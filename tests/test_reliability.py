@@ -135,7 +135,7 @@ def test_kills_at_every_point_then_resume_give_the_straight_run(micro_city, tmp_
         for fault in faults:
             assert _run(config, run_dir, fault) == -9, fault  # killed by SIGKILL
         if name == "b":  # the stale best.pth is refused by evaluate, not used silently
-            with pytest.raises(ValueError, match="train --resume"):
+            with pytest.raises(ValueError, match="resume=True"):
                 evaluate_checkpoint(micro_city, checkpoint=run_dir / "best.pth",
                                        precision="fp32")
         _run(config, run_dir)
@@ -340,7 +340,7 @@ def test_overwrite_replaces_the_run(fast_run, tmp_path, monkeypatch):
     def stop(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tr, "make_model", stop)  # stop right after the folder is prepared
+    monkeypatch.setattr(tr.RunModel, "build", stop)  # stop right after the folder is prepared
     with pytest.raises(KeyboardInterrupt):
         tr.train(config, run_dir, overwrite=True)
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "data.json"]

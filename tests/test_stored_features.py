@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from netvlad_tutorial import data, evaluate, model
+from netvlad_tutorial import data, evaluate, model, run_model
 from netvlad_tutorial import features as ft
 from netvlad_tutorial.config import PRESETS
 from netvlad_tutorial.model import build_model
@@ -95,7 +95,7 @@ def test_split_descriptors_of_a_frozen_model_read_the_stored_features(store, mic
     monkeypatch.setattr(ft, "run_inference", run_inference)
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
     # The images' path, for comparison: float16 features round what NetVLAD sees, no more.
-    monkeypatch.setattr(evaluate, "stored_local_features", lambda *a, **k: None)
+    monkeypatch.setattr(run_model, "stored_local_features", lambda *a, **k: None)
     plain = evaluate.split_descriptors(net, split, config, torch.device("cpu"))
     for a, b in zip(first, plain):
         np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-3)

@@ -93,7 +93,7 @@ def test_evaluate_errors_are_clear(micro_city, tmp_path, capsys):
     ckpt = load_torch_file(tmp_path / "run" / "best.pth")
     ckpt["model_config"] = {**ckpt["model_config"], "num_clusters": 64}
     torch.save(ckpt, tmp_path / "other.pth")
-    with pytest.raises(ValueError, match="use the matching --preset"):
+    with pytest.raises(ValueError, match="use the matching `preset`"):
         evaluate_checkpoint(micro_city, checkpoint=tmp_path / "other.pth")
 
 

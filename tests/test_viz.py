@@ -127,32 +127,6 @@ def test_show_images_accepts_tensors_and_pil():
                                atol=1e-6)
 
 
-def test_plot_tuple_titles_and_frames():
-    query, positive, *negatives = rgb_images(5)
-    fig = viz.plot_tuple(query, positive, negatives, 0.5, [0.25, 0.75, 1.0])
-    assert len(fig.axes) == 5
-    titles = [ax.get_title() for ax in fig.axes]
-    assert titles == ["query", "best positive\nd = 0.500", "negative 1\nd = 0.250",
-                      "negative 2\nd = 0.750", "negative 3\nd = 1.000"]
-    assert [frame_colour(ax) for ax in fig.axes] == [None, to_rgba("green")] + [to_rgba("red")] * 3
-
-
-def test_plot_retrievals_rows_and_correctness_frames():
-    queries, retrieved = rgb_images(2), [rgb_images(4, seed=1), rgb_images(4, seed=2)]
-    correct = np.array([[True, False, True, True], [False, False, True, False]])
-    distances = np.arange(8).reshape(2, 4) / 10
-    fig = viz.plot_retrievals(queries, retrieved, correct, distances, k=3)
-    assert len(fig.axes) == 2 * 4
-    for i in range(2):
-        row = fig.axes[4 * i:4 * (i + 1)]
-        assert frame_colour(row[0]) is None and row[0].get_title() == "query"
-        for j, ax in enumerate(row[1:]):
-            assert frame_colour(ax) == to_rgba("green" if correct[i, j] else "red")
-            assert ax.get_title() == f"top-{j + 1}\nd = {distances[i, j]:.3f}"
-            np.testing.assert_array_equal(ax.images[0].get_array(),
-                                          retrieved[i][j] / np.float32(255))
-
-
 def test_plot_recall_curves_lines_and_marks():
     curves = {"a": np.linspace(0.2, 0.9, 30), "b": torch.linspace(0.1, 0.5, 30)}
     fig = viz.plot_recall_curves(curves, n_marks=(1, 5, 10, 20))

@@ -129,7 +129,7 @@ def test_interrupted_download_fails_without_partial_file(served, tmp_path, which
 
 def test_unverified_needs_consent_and_records_its_hash(served, tmp_path, capsys):
     server, entries, _ = served
-    with pytest.raises(ValueError, match="--allow-unverified"):
+    with pytest.raises(ValueError, match="allow_unverified=True"):
         download_weights(entries["unverified"], progress=False)
     assert server.requests == []
     path = download_weights(entries["unverified"], progress=False, allow_unverified=True)
