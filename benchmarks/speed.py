@@ -3,7 +3,7 @@
     python benchmarks/speed.py [--device cuda|cpu] [--json] [--no-save] [--gpu-extras]
 
 The package's variants call its own code: `features.compute_descriptors` (the one inference
-loop, `features.run_inference`) and `train.train_step`. The reference is a Nanne-style loop.
+loop, `features.run_inference`) and `RunModel.train_step`. The reference is a Nanne-style loop.
 `gpu_extras` (CUDA only by default) is not the package: a pipeline of this script with uint8
 input normalized on the device, a device-side cache, `torch.compile` and nvjpeg.
 
@@ -57,7 +57,8 @@ from netvlad_tutorial.model import (  # noqa: E402
     prepare_for_device,
 )
 from netvlad_tutorial.synthetic import make_synthetic_city  # noqa: E402
-from netvlad_tutorial.train import make_optimizer, train_step  # noqa: E402
+from netvlad_tutorial.run_model import ImageSource, RunModel  # noqa: E402
+from netvlad_tutorial.train import make_optimizer  # noqa: E402
 from netvlad_tutorial.utils import (  # noqa: E402
     Precision,
     atomic_write,
@@ -128,7 +129,7 @@ def variant_settings(name, device, compile=None, gpu_decode=None, precision="aut
     chosen = resolve_precision(precision, device, verbose=False)
     common = {"precision": chosen.name, "precision_reason": chosen.reason, "amp": chosen.bf16,
               "channels_last": chosen.channels_last, "pool": "vectorized"}
-    if name == "package":  # what `features.run_inference` and `train.train_step` do
+    if name == "package":  # what `features.run_inference` and `RunModel.train_step` do
         return {"pipeline": "package", **common, "decode": "pil", "pin_memory": cuda,
                 "cudnn_benchmark": False, "device_cache": False, "compile": False}
     compile = cuda and hasattr(torch, "compile") if compile is None else compile
@@ -378,7 +379,7 @@ def script_train_step(model, images, device, settings):
 
 
 def package_train_step(model, images, device, settings):
-    """One `train.train_step` on `images` (48, 3, H, W) as a batch of 4 tuples: a function.
+    """One `RunModel.train_step` on `images` (48, 3, H, W) as a batch of 4 tuples: a function.
 
     The same SGD settings as the reference (`TrainConfig`'s defaults: lr 1e-4, momentum 0.9,
     weight decay 1e-3) and the package's optimizer (`train.make_optimizer`).
@@ -386,7 +387,8 @@ def package_train_step(model, images, device, settings):
     config = TrainConfig(precision=settings["precision"], trainable="conv5")
     optimizer, _ = make_optimizer(config, model)
     batch = tuple_batch(images)
-    return lambda: train_step(model, batch, optimizer, config, device)
+    run = RunModel(model, config, device, source=ImageSource)
+    return lambda: run.train_step(batch, optimizer, config.margin)
 
 
 def train_pass(step, model, device, steps, info, warmup_steps=1):
@@ -740,7 +742,7 @@ def format_speed(result):
     s = result["package"]["settings"]
     lines.append("reference: this script's loop: fp32, NCHW, per-cluster loop NetVLAD, PIL in "
                  f"{result['num_workers']} DataLoader workers, .cpu() per batch")
-    lines.append("package: features.compute_descriptors and train.train_step; "
+    lines.append("package: features.compute_descriptors and RunModel.train_step; "
                  f"auto = {s['precision']} ({s['precision_reason']})")
     if "gpu_extras" in result:
         g = result["gpu_extras"]

@@ -146,7 +146,7 @@ class RunModel:
 
     def __init__(self, model, config, device, precision=None, source=None):
         self.model, self.config, self.device = model, config, torch.device(device)
-        self.backbone = model.encoder.backbone  # a `model.Backbone`
+        self.backbone = getattr(model.encoder, "backbone", None)  # `model.Backbone`, if built so
         self.precision = precision or resolve_precision(config.precision, self.device)
         self.source = source(self) if source is not None else choose_source(self)
         self._trainable = None

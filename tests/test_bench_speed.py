@@ -153,7 +153,7 @@ def test_tuple_batch_is_collate_fn_of_the_tuples():
 
 
 def test_package_step_trains_like_the_reference_step():
-    """`train.train_step` and the script's step: the same loss, so the same SGD update."""
+    """`RunModel.train_step` and the script's step: the same loss, so the same SGD update."""
     torch.manual_seed(0)
     model = EmbedNet(nn.Conv2d(3, 8, kernel_size=4, stride=4), NetVLAD(4, 8)).train()
     twin = EmbedNet(nn.Conv2d(3, 8, kernel_size=4, stride=4), NetVLAD(4, 8)).train()
