@@ -56,8 +56,8 @@ from netvlad_tutorial.model import (  # noqa: E402
     netvlad_loop,
     prepare_for_device,
 )
-from netvlad_tutorial.synthetic import make_synthetic_city  # noqa: E402
 from netvlad_tutorial.run_model import ImageSource, RunModel  # noqa: E402
+from netvlad_tutorial.synthetic import make_synthetic_city  # noqa: E402
 from netvlad_tutorial.train import make_optimizer  # noqa: E402
 from netvlad_tutorial.utils import (  # noqa: E402
     Precision,
