@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from . import distributed
 from .data import whole_dataset
@@ -81,6 +82,7 @@ class LocalFeatureSource:
 
     def __init__(self, run, arrays=None, stored=True):
         self.run, self.arrays, self.stored = run, dict(arrays or {}), stored
+        self.frozen, self.rest = run.model.encoder, run.model.head  # encoded once; then run
 
     def prepare(self, splits, work_dir=None):
         """Encode each split of `splits` ({key: split}) once, e.g. train and val."""
@@ -98,9 +100,9 @@ class LocalFeatureSource:
                 "device": run.device, "precision": run.precision, "label": label}
         features = None
         if storage != "disk" and self.stored:
-            features = stored_local_features(run.model.encoder, dataset, **args)
+            features = stored_local_features(self.frozen, dataset, **args)
         if features is None and required:  # large, or disk asked for: this run's own array
-            features = compute_local_features(run.model.encoder, dataset, storage=storage,
+            features = compute_local_features(self.frozen, dataset, storage=storage,
                                               out_path=path, **args)
         return features
 
@@ -112,25 +114,53 @@ class LocalFeatureSource:
         features = self.arrays.get(key)
         if features is None:  # too large to keep: the images, through the whole model
             return ImageSource(self.run).inference(split, key, label)
-        return self.run.model.head, FeatureDataset(features), self.num_workers
+        return self.rest, FeatureDataset(features), self.num_workers
 
     def trainable(self):
         """The module a training step runs: the head, on the cached local features."""
-        return self.run.model.head
+        return self.rest
 
     def tuple_features(self, key):
         """What `mining.TripletDataset` reads for the split `key`: its local features."""
         return self.arrays[key]
 
 
-SOURCES = {"images": ImageSource, "local_features": LocalFeatureSource}
+class PrefixMapSource(LocalFeatureSource):
+    """Only the backbone's last block trains (`trainable="conv5"`, the paper's setting with a
+    pretrained encoder): its frozen prefix (VGG16: conv1_1 ... pool4) runs once per image, and
+    descriptors come from the prefix maps (N, C, h, w) float16 through the trainable tail
+    (conv5_1 ... conv5_3) and the head. The same storage as `LocalFeatureSource`."""
+
+    name = "prefix_maps"
+
+    def __init__(self, run, arrays=None, stored=True):
+        super().__init__(run, arrays, stored)
+        prefix, tail = run.model.encoder.backbone.split(run.model.encoder)
+        self.frozen, self.rest = prefix, nn.Sequential(tail, run.model.head)
+
+
+def prefix_frozen(model):
+    """True when the encoder's prefix is frozen and its last block trains (`"conv5"`)."""
+    backbone = getattr(model.encoder, "backbone", None)
+    if backbone is None:
+        return False
+    prefix, tail = backbone.split(model.encoder)
+    return (not any(p.requires_grad for p in prefix.parameters())
+            and any(p.requires_grad for p in tail.parameters()))
+
+
+SOURCES = {"images": ImageSource, "local_features": LocalFeatureSource,
+           "prefix_maps": PrefixMapSource}
 
 
 def choose_source(run):
-    """The source of `run`'s descriptors: local features when no encoder weight trains and
-    `config.feature_cache` is on, else the images."""
+    """The source of `run`'s descriptors when `config.feature_cache` is on: local features
+    when no encoder weight trains, prefix maps when only the last block trains; else (and
+    when every layer trains) the images."""
     if run.config.feature_cache and run.model.encoder_frozen:
         return LocalFeatureSource(run)
+    if run.config.feature_cache and prefix_frozen(run.model):
+        return PrefixMapSource(run)
     return ImageSource(run)
 
 
@@ -225,13 +255,15 @@ def as_run(model, config, device, features=None, stored=True):
     Args:
         features: local features (N, D, h, w) of the split to encode, computed already: the
             descriptors then come from them through the head.
-        stored: a frozen encoder's features of a small split are kept between runs; False:
-            always the images (the exact numbers of `evaluate_checkpoint`).
+        stored: a frozen encoder's features (or a frozen prefix's maps) of a small split are
+            kept between runs; False: always the images (the exact numbers of
+            `evaluate_checkpoint`).
     """
     if isinstance(model, RunModel):
         return model
     if features is not None:
         source = lambda run: LocalFeatureSource(run, {None: features}, stored=False)  # noqa: E731
     else:
-        source = LocalFeatureSource if stored and model.encoder_frozen else ImageSource
+        source = (ImageSource if not stored else LocalFeatureSource if model.encoder_frozen
+                  else PrefixMapSource if prefix_frozen(model) else ImageSource)
     return RunModel(model, config, device, source=source)

@@ -109,3 +109,40 @@ def test_cached_training_equals_the_plain_path(micro_city, tmp_path):
             assert torch.equal(a[key], b[key]), key  # the encoder never trains
     assert [r["recall@5"] for r in plain] == pytest.approx([r["recall@5"] for r in cached],
                                                             abs=0.1)
+
+
+def test_prefix_map_training_equals_the_plain_path(micro_city, tmp_path):
+    """conv5 and NetVLAD train (the paper's setting): the frozen prefix (conv1_1 ... pool4)
+    runs once per image, and two epochs give the losses and weights of the image path."""
+    from netvlad_tutorial.run_model import PrefixMapSource, RunModel
+
+    config = _frozen_config(micro_city, trainable="conv5", lr=0.05, epochs=1)
+    split = load_split(micro_city, "train")
+    run = RunModel.build(config, split, torch.device("cpu"))
+    assert isinstance(run.source, PrefixMapSource)
+    # The prefix maps through the tail and the head are the model's descriptors.
+    dataset = whole_dataset(split, config)
+    maps = compute_local_features(run.source.frozen, dataset, precision="fp32")
+    assert maps.shape == (len(dataset), 512, 2, 3)  # pool4 of 32 x 48: stride 16
+    plain = compute_descriptors(run.model, dataset, dtype=np.float32, precision="fp32")
+    cached = compute_descriptors(run.source.rest, FeatureDataset(maps), dtype=np.float32,
+                                 precision="fp32")
+    np.testing.assert_allclose(cached, plain, atol=3e-3)
+    # Training: the same tuples and losses; the updates agree up to the float16 maps. Rounding
+    # the maps changes one step's conv5_1 gradient by ~4 % (NetVLAD's sharp soft-assignment,
+    # alpha = 100, amplifies it on the way back), conv5_3's and NetVLAD's far less.
+    plain = tr.train(config.replace(feature_cache=False), tmp_path / "plain")
+    cached = tr.train(config, tmp_path / "cached")
+    a = load_torch_file(tmp_path / "plain" / "latest.pth")["model"]
+    b = load_torch_file(tmp_path / "cached" / "latest.pth")["model"]
+    assert [r["tuples"] for r in plain] == [r["tuples"] for r in cached]
+    np.testing.assert_allclose([r["loss"] for r in cached], [r["loss"] for r in plain],
+                               rtol=1e-3)
+    init = make_model(config, split, torch.device("cpu")).state_dict()
+    for key, tolerance in (("encoder.24.weight", 0.1), ("encoder.26.weight", 0.1),
+                           ("encoder.28.weight", 0.02), ("pool.centroids", 0.02),
+                           ("pool.conv.weight", 0.02)):
+        update, other = a[key] - init[key], b[key] - init[key]
+        assert update.norm() > 0 and (other - update).norm() < tolerance * update.norm(), key
+    for key in ("encoder.0.weight", "encoder.21.weight"):  # conv1_1, conv4_3: frozen
+        assert torch.equal(a[key], init[key]) and torch.equal(b[key], init[key]), key
