@@ -64,6 +64,7 @@ from .utils import (
     check_device,
     display_path,
     fault_point,
+    folder_lock,
     remove_temporary_files,
     resolve_device,
     resolve_precision,
@@ -616,7 +617,18 @@ def stops_early(record, epoch, config):
     return False
 
 
+RUN_LOCK = ".lock"  # the run folder's lock file (`utils.folder_lock`)
+
+
 def train(config, run_dir, resume=False, stop_after=None, overwrite=False):
+    """`_train`, holding the run folder's lock: a second `train` on `run_dir` is refused
+    (`utils.FolderInUseError`) while this one runs, so no folder mixes two runs."""
+    run_dir = Path(run_dir)
+    with folder_lock(run_dir / RUN_LOCK, run_dir, "train"):
+        return _train(config, run_dir, resume, stop_after, overwrite)
+
+
+def _train(config, run_dir, resume=False, stop_after=None, overwrite=False):
     """Train NetVLAD; checkpoints `latest.pth` and `best.pth` (by val R@5) in `run_dir`.
 
     Args:

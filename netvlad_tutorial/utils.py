@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_ENV = "NETVLAD_DATA_ROOT"
@@ -347,6 +348,38 @@ def atomic_write(path, data, sync=True):
             os.remove(tmp)
     fault_point(f"after:{path.name}")
     return path
+
+
+class FolderInUseError(OSError):
+    """Another process is writing the folder (`folder_lock`)."""
+
+
+@contextlib.contextmanager
+def folder_lock(lock_file, folder, command):
+    """Hold the lock `lock_file` (`filelock.FileLock`) while `command` writes `folder`.
+
+    A second writer is refused at once (`FolderInUseError`), not queued: two runs into one
+    folder would mix their files. The lock is the kernel's (`flock`), so a killed holder frees
+    it; the empty lock file stays. Under `torch.distributed` only rank 0, the writer, locks.
+    """
+    if not is_main_process():
+        yield
+        return
+    lock_file = Path(lock_file)
+    try:
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(lock_file, timeout=0)
+        lock.acquire()
+    except Timeout:
+        raise FolderInUseError(f"{folder} is being written by another process ({command} "
+                               f"holds {lock_file}); wait for it to finish, or choose another "
+                               "folder") from None
+    except OSError as err:
+        raise type(err)(err.errno, f"cannot write {lock_file}: {err.strerror or err}") from err
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def atomic_json(obj, path):

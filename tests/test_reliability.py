@@ -307,9 +307,10 @@ def test_a_regeneration_stopped_midway_keeps_the_old_city(tmp_path, monkeypatch)
     # A folder left by a real kill is removed by the next generation; seed 1 then replaces 0.
     monkeypatch.undo()
     (tmp_path / ".city.killed.partial").mkdir()
+    (tmp_path / ".city.killed.partial" / synthetic.PARTIAL_MARK).touch()
     make_synthetic_city(root, preset="micro", seed=1)
     assert synthetic.city_is_current(root, "micro", 1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["city"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".city.lock", "city"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,7 +344,7 @@ def test_overwrite_replaces_the_run(fast_run, tmp_path, monkeypatch):
     monkeypatch.setattr(tr, "make_model", stop)  # stop right after the folder is prepared
     with pytest.raises(KeyboardInterrupt):
         tr.train(config, run_dir, overwrite=True)
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "data.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "config.json", "data.json"]
 
 
 # ---------------------------------------------------------------------------------------------
