@@ -360,12 +360,15 @@ def folder_lock(lock_file, folder, command):
 
     A second writer is refused at once (`FolderInUseError`), not queued: two runs into one
     folder would mix their files. The lock is the kernel's (`flock`), so a killed holder frees
-    it; the empty lock file stays. Under `torch.distributed` only rank 0, the writer, locks.
+    it; the empty lock file stays (with the folder it alone was created for, if the command
+    wrote nothing else there: then it is removed). Under `torch.distributed` only rank 0, the
+    writer, locks.
     """
     if not is_main_process():
         yield
         return
     lock_file = Path(lock_file)
+    made = not lock_file.parent.exists()
     try:
         lock_file.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(lock_file, timeout=0)
@@ -379,6 +382,9 @@ def folder_lock(lock_file, folder, command):
     try:
         yield
     finally:
+        if made and [p.name for p in lock_file.parent.iterdir()] == [lock_file.name]:
+            lock_file.unlink()  # a refused first run leaves no folder behind
+            lock_file.parent.rmdir()
         lock.release()
 
 

@@ -3,17 +3,34 @@
 images) that failed before the fix: a clear exit-2 error every time, nothing of the user's lost."""
 
 import json
+import os
 import re
 import shutil
+import signal
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from netvlad_tutorial import synthetic
 from netvlad_tutorial.cli import main as cli_main
+from netvlad_tutorial.data import (
+    QUERIES_DIR,
+    DataLayoutError,
+    WholeDataset,
+    load_image,
+    load_split,
+    parse_db_struct,
+    save_db_struct,
+    struct_path,
+)
 from netvlad_tutorial.synthetic import city_is_current, make_synthetic_city
+from netvlad_tutorial.viz import to_image
 
 
 def _cli_error(capsys, argv):
@@ -122,3 +139,167 @@ def test_a_second_train_on_one_run_folder_is_refused(micro_city, tmp_path, capsy
         holder.release()
     assert "another process" in err and "train" in err
     assert json.loads((run_dir / "config.json").read_text()) == {"seed": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Image names are untrusted: a regular file inside its root, or a clear error naming it
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_hang():
+    """Fail (SIGALRM) instead of hanging for ever, e.g. on a FIFO opened for reading."""
+
+    def stop(*args):
+        raise TimeoutError("hung: the call did not return within 60 s")
+
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def _with_db_names(city, split, change):
+    """Rewrite `split`'s `.mat` of `city` with database names `change(names)`."""
+    path = struct_path(city, "synthetic", split)
+    db = parse_db_struct(path)
+    save_db_struct(db._replace(dbImage=change(list(db.dbImage))), path)
+    return db
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("../outside.jpg", "climbs out"), ("000/../../outside.jpg", "climbs out"),
+    ("/etc/passwd", "absolute path"), ("", "empty"), (7.0, "not a file name")])
+def test_a_mat_name_that_leaves_the_root_is_refused(city, bad, message, capsys):
+    (city.parent / "outside.jpg").write_bytes(b"not part of the dataset")
+    _with_db_names(city, "test", lambda names: [bad, *names[1:]])
+    err = _cli_error(capsys, ["check-data", "--root", city, "--split", "test"])
+    assert "synthetic_test.mat" in err and "dbImageFns[0]" in err and message in err
+    with pytest.raises(DataLayoutError, match=re.escape("dbImageFns[0]")):
+        load_split(city, "test")
+
+
+def test_numbers_where_mat_names_belong_are_a_clear_error(city, capsys):
+    path = struct_path(city, "synthetic", "test")
+    db = parse_db_struct(path)
+    save_db_struct(db._replace(qImage=list(range(db.numQ))), path)
+    err = _cli_error(capsys, ["evaluate", "--data-root", city, "--untrained", "--preset",
+                              "tiny", "--fp32"])
+    assert "synthetic_test.mat" in err and "qImageFns[0]" in err
+
+
+def _image_problem(city, kind, name):
+    """Make database image `name` of `city` a `kind`: symlinks out of or in the root, a FIFO,
+    a folder, a device."""
+    path = city / name
+    path.unlink()
+    if kind == "symlink-out":
+        (city.parent / "elsewhere.jpg").write_bytes((city / "000").glob("*.jpg").__next__()
+                                                    .read_bytes())
+        path.symlink_to(city.parent / "elsewhere.jpg")
+    elif kind == "symlink-in":
+        path.symlink_to(sorted((city / "000").glob("*.jpg"))[-1])
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "device":
+        path.symlink_to("/dev/zero")
+    return path
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("symlink-out", "leads outside"), ("fifo", "FIFO"), ("folder", "a folder"),
+    ("device", "character device")])
+def test_an_image_that_is_not_a_file_in_the_root_is_named(city, kind, message, capsys,
+                                                          no_hang):
+    name = parse_db_struct(struct_path(city, "synthetic", "test")).dbImage[0]
+    path = _image_problem(city, kind, name)
+    err = _cli_error(capsys, ["check-data", "--root", city, "--split", "test"])
+    assert str(path) in err and message in err
+    split = load_split(city, "test")
+    with pytest.raises(DataLayoutError, match=message):
+        WholeDataset(split.root, split.db)[0]
+
+
+def test_a_symlink_inside_the_root_is_followed(city):
+    name = parse_db_struct(struct_path(city, "synthetic", "test")).dbImage[0]
+    path = _image_problem(city, "symlink-in", name)
+    assert np.array_equal(np.asarray(load_image(path, city)),
+                          np.asarray(load_image(path.resolve())))
+
+
+def test_a_query_must_lie_in_the_query_folder(city, capsys):
+    """A query name may not reach the database images beside `queries_real/` by a symlink."""
+    split = load_split(city, "test")
+    query = city / QUERIES_DIR / split.db.qImage[0]
+    query.unlink()
+    query.symlink_to(city / split.db.dbImage[0])
+    err = _cli_error(capsys, ["check-data", "--root", city, "--split", "test"])
+    assert str(query) in err and "leads outside" in err
+
+
+def test_a_vpr_folder_image_linking_outside_is_refused(micro_city, tmp_path, capsys):
+    folder = tmp_path / "vpr" / "test"
+    for sub in ("database", "queries"):
+        (folder / sub).mkdir(parents=True)
+    images = sorted((micro_city / "000").glob("*.jpg"))
+    for i, image in enumerate(images[:4]):
+        shutil.copy(image, folder / "database" / f"@0@{i}@.jpg")
+    shutil.copy(images[5], folder / "queries" / "@0@1@.jpg")
+    (folder / "database" / "@0@9@.jpg").symlink_to(images[6])  # outside tmp_path/vpr
+    err = _cli_error(capsys, ["check-data", "--root", tmp_path / "vpr", "--split", "test"])
+    assert "@0@9@.jpg" in err and "leads outside" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Images are read as they are: 16-bit, EXIF orientation, decompression bombs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_16_bit_png_is_scaled_not_saturated(tmp_path):
+    grey = np.array([[0, 257 * 64], [257 * 128, 65535]], dtype=np.uint16)
+    Image.fromarray(grey).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as img:
+        assert img.mode.startswith("I")  # PIL reads 16-bit grey as I;16 (or I)
+    rgb = np.asarray(load_image(tmp_path / "deep.png"))
+    assert rgb.shape == (2, 2, 3)
+    assert rgb[..., 0].tolist() == [[0, 64], [128, 255]] and (rgb == rgb[..., :1]).all()
+    assert np.allclose(to_image(Image.open(tmp_path / "deep.png"))[..., 1],
+                       [[0, 64 / 255], [128 / 255, 1]])
+
+
+@pytest.mark.parametrize("orientation, rotate", [(1, 0), (3, 2), (6, -1), (8, 1)])
+def test_exif_orientation_is_applied(tmp_path, orientation, rotate):
+    """EXIF Orientation 3, 6, 8: rotated 180, 90 clockwise, 90 counter-clockwise when read."""
+    pixels = np.zeros((2, 3, 3), np.uint8)  # `pixels`: (H, W, 3), one bright corner
+    pixels[0, 0] = 255
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(tmp_path / "photo.png", exif=exif)
+    read = np.asarray(load_image(tmp_path / "photo.png"))
+    assert np.array_equal(read, np.rot90(pixels, rotate))
+
+
+def _bomb_png(path, width=40_000, height=40_000):
+    """A PNG header claiming width x height 1-bit pixels (1.6 G): PIL refuses it as a bomb."""
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_decompression_bomb_is_a_clear_error(city, capsys):
+    split = load_split(city, "test")
+    path = city / split.db.dbImage[0]
+    _bomb_png(path)
+    with pytest.raises(DataLayoutError, match="cannot be read"):
+        load_image(path)
+    err = _cli_error(capsys, ["check-data", "--root", city, "--split", "test"])
+    assert str(path) in err and "decompression bomb" in err.lower()
