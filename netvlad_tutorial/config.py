@@ -4,11 +4,13 @@ The first module of the course: every later stage reads its settings from a `Tra
 """
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 
 from . import __version__
 
 TRAINABLE = ("all", "conv5", "netvlad")  # what trains: `TrainConfig.trainable`
+MAX_CLUSTERS = 4096  # 4096 x 512 centroids: a 2M-D descriptor; more is a mistake
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,13 @@ class TrainConfig:
     pca_dim: int = 4096
 
     def __post_init__(self):
+        for name in ("num_clusters", "batch_size", "n_neg", "epochs", "cache_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a whole number, not {value!r}")
+        if not 1 <= self.num_clusters <= MAX_CLUSTERS:
+            raise ValueError(f"num_clusters must lie in 1..{MAX_CLUSTERS}, not "
+                             f"{self.num_clusters} (NetVLAD uses 64)")
         if self.trainable not in TRAINABLE:
             raise ValueError(f"trainable must be one of {', '.join(TRAINABLE)}, not "
                              f"{self.trainable!r}")
@@ -101,9 +110,36 @@ class TrainConfig:
             print(f"{message}; ignored")
             for key in unknown:
                 d.pop(key)
+        for f in dataclasses.fields(cls):
+            if f.name in d and not _has_type(d[f.name], f.type):
+                raise ValueError(f"{source}: setting {f.name} is {d[f.name]!r}, not of type "
+                                 f"{f.type if isinstance(f.type, str) else _type_name(f.type)}")
         if d.get("image_size") is not None:
-            d["image_size"] = tuple(d["image_size"])
+            size = d["image_size"]
+            if len(size) != 2 or not all(isinstance(n, int) and n > 0 for n in size):
+                raise ValueError(f"{source}: image_size is {size!r}, not (H, W) in pixels")
+            d["image_size"] = tuple(size)
         return cls(**d)
+
+
+def _has_type(value, annotation):
+    """Whether `value` read from a file fits a field annotated `annotation` (`int`, `float`,
+    `str | None`, ...): an int is a float, a list a tuple, a bool only a bool."""
+    allowed = typing.get_args(annotation) or (annotation,)
+    if value is None:
+        return type(None) in allowed
+    if isinstance(value, bool):
+        return bool in allowed
+    if isinstance(value, int) and float in allowed:
+        return True
+    if isinstance(value, list) and tuple in allowed:
+        return True
+    return isinstance(value, tuple(a for a in allowed if isinstance(a, type)))
+
+
+def _type_name(annotation):
+    return " or ".join(getattr(a, "__name__", str(a))
+                       for a in (typing.get_args(annotation) or (annotation,)))
 
 
 def old_trainable(train_all, freeze_encoder, weights):

@@ -584,17 +584,24 @@ def whole_dataset(split, config):
 
 
 def data_fingerprint(split):
-    """A short digest of a split's data: its image lists, positions and first images' bytes.
+    """A short digest of a split's data: its image lists, positions, and every image file's
+    size and modification time (`os.stat`; 0.1 s per 10,000 files, no image is read).
 
-    Changes when a synthetic city is regenerated with other settings, or a data root points at
-    other data; cheap (two small files are read).
+    Changes when an image is replaced, even under the same name, when a synthetic city is
+    regenerated, or a data root points at other data; a copy that keeps the times
+    (`cp -p`, `shutil.copytree`) keeps it. A missing file counts as such.
     """
     db, root = split.db, Path(split.root)
     h = hashlib.sha1("\n".join([db.dataset, *db.dbImage, *db.qImage]).encode())
     h.update(np.ascontiguousarray(db.utmDb, dtype=np.float64).tobytes())
     h.update(np.ascontiguousarray(db.utmQ, dtype=np.float64).tobytes())
-    for path in (root / db.dbImage[0], root / split.queries_dir / db.qImage[0]):
-        h.update(path.read_bytes() if path.is_file() else b"missing")
+    for folder, names in ((root, db.dbImage), (root / split.queries_dir, db.qImage)):
+        for name in names:
+            try:
+                st = os.stat(folder / name)
+                h.update(f"{st.st_size}:{st.st_mtime_ns};".encode())
+            except OSError:
+                h.update(b"missing;")
     return h.hexdigest()[:16]
 
 

@@ -432,8 +432,28 @@ def _check_run_config(run_dir, config, train_split=None):
         saved = _read_json(data_file).get("train_fingerprint")
         if saved != data_fingerprint(train_split):
             raise ValueError(f"{run_dir} holds a run trained on other data than "
-                             f"{train_split.root} (was the city regenerated?); give its data, "
-                             "a new --out, or --overwrite to replace it")
+                             f"{train_split.root}: images were added, removed or changed (by "
+                             "size or modification time), or the run is from an older "
+                             "version; give its data, a new --out, or --overwrite to replace "
+                             "it")
+
+
+RESUME_KEYS = {"optimizer": dict, "scheduler": dict, "epoch": int, "neg_cache": dict,
+               "rng": dict, "history": list, "best_score": (int, float), "best_epoch": int}
+
+
+def _check_resumable(latest, path):
+    """Raise unless checkpoint `latest` holds everything `resume_from` reads, of its type."""
+    for key, kind in RESUME_KEYS.items():
+        if not isinstance(latest.get(key), kind):
+            found = "nothing" if key not in latest else type(latest[key]).__name__
+            raise ValueError(f"{path} cannot be resumed: its {key!r} is {found}, not "
+                             f"{getattr(kind, '__name__', 'a number')} (damaged, or not written "
+                             "by `train`); give a new --out, or --overwrite to start again")
+    missing = {"numpy", "torch", "python"} - latest["rng"].keys()
+    if missing:
+        raise ValueError(f"{path} cannot be resumed: its random number state lacks "
+                         f"{', '.join(sorted(missing))}; give a new --out, or --overwrite")
 
 
 def _check_run_dir(run_dir, resume, overwrite):
@@ -539,6 +559,7 @@ def prepare_run(config, run_dir, resume, overwrite):
         _check_run_config(run_dir, config, train_split)
         latest = load_checkpoint(run_dir / "latest.pth")
         checkpoint_config(latest, run_dir / "latest.pth", strict=True)
+        _check_resumable(latest, run_dir / "latest.pth")
     distributed.barrier()  # torchrun: every rank has checked the folder before rank 0 writes
     if distributed.is_main():
         _clean_run_dir(run_dir, found, overwrite)

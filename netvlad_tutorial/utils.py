@@ -303,6 +303,17 @@ def is_main_process():
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def write_error(err, path):
+    """An OSError naming `path` for a failed write `err`, readable when the error has no errno
+    (`np.save` on a full disk) or is not an OSError at all (`torch.save`: a RuntimeError
+    "[enforce fail at inline_container.cc]" when the disk fills up or a size limit is hit)."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return type(err)(err.errno, f"cannot write {path}: {err.strerror}")
+    inner = str(err).strip() or type(err).__name__
+    return OSError(f"cannot write {path}: the write failed ({inner}): is the disk full, or a "
+                   "file size limit reached?")
+
+
 def atomic_write(path, data, sync=True):
     """Write `data` to `path` through a temporary file in the same folder, then rename.
 
@@ -317,7 +328,8 @@ def atomic_write(path, data, sync=True):
     Under `torch.distributed` only rank 0 writes (the others return `path` at once).
 
     Raises:
-        OSError (PermissionError, ENOSPC, ...): naming `path`; `path` is then unchanged.
+        OSError (PermissionError, ENOSPC, EFBIG, ...): naming `path` (`write_error`); `path` is
+            then unchanged.
     """
     path = Path(path)
     if not is_main_process():  # distributed: rank 0 alone writes files
@@ -326,7 +338,7 @@ def atomic_write(path, data, sync=True):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
     except OSError as err:
-        raise type(err)(err.errno, f"cannot write {path}: {err.strerror}") from err
+        raise write_error(err, path) from err
     try:
         with os.fdopen(fd, "wb") as f:
             # mkstemp makes the file private (0600): give it the mode the file has, or would get.
@@ -341,8 +353,8 @@ def atomic_write(path, data, sync=True):
                 os.fsync(f.fileno())
         fault_point(f"write:{path.name}")
         os.replace(tmp, path)
-    except OSError as err:
-        raise type(err)(err.errno, f"cannot write {path}: {err.strerror}") from err
+    except (OSError, RuntimeError) as err:  # torch.save on a full disk: RuntimeError
+        raise write_error(err, path) from err
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
