@@ -433,9 +433,20 @@ def cache_dir():
     `~/.cache/netvlad_tutorial`.
     """
     if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "netvlad_tutorial"
+        return env_path(CACHE_ENV)
+    if os.environ.get("XDG_CACHE_HOME"):
+        return env_path("XDG_CACHE_HOME") / "netvlad_tutorial"
+    return Path.home() / ".cache" / "netvlad_tutorial"
+
+
+def env_path(name):
+    """The path in environment variable `name`, `~` expanded; a ValueError naming the variable
+    when it cannot be (`~nouser/x`: no such user)."""
+    value = os.environ[name]
+    try:
+        return Path(value).expanduser()
+    except RuntimeError as err:
+        raise ValueError(f"${name} is {value!r}: {err}; set it to an existing folder") from None
 
 
 def _numpy_safe_globals():
@@ -477,7 +488,7 @@ def load_torch_file(path, what="file", safe_globals=()):
 def default_data_root():
     """`$NETVLAD_DATA_ROOT` if set, else the tiny synthetic city in `data/synthetic_tiny`."""
     if os.environ.get(DATA_ENV):
-        return Path(os.environ[DATA_ENV]).expanduser()
+        return env_path(DATA_ENV)
     return REPO_ROOT / "data" / "synthetic_tiny"
 
 
