@@ -119,7 +119,10 @@ class TrainConfig:
             if len(size) != 2 or not all(isinstance(n, int) and n > 0 for n in size):
                 raise ValueError(f"{source}: image_size is {size!r}, not (H, W) in pixels")
             d["image_size"] = tuple(size)
-        return cls(**d)
+        try:
+            return cls(**d)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
 
 
 def _has_type(value, annotation):

@@ -15,21 +15,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from test_train import _micro_config  # tests/ is on sys.path under pytest
 
 from netvlad_tutorial import synthetic
+from netvlad_tutorial import train as tr
 from netvlad_tutorial.cli import main as cli_main
 from netvlad_tutorial.data import (
     QUERIES_DIR,
     DataLayoutError,
     WholeDataset,
+    data_fingerprint,
     load_image,
     load_split,
     parse_db_struct,
     save_db_struct,
     struct_path,
+    whole_dataset,
 )
+from netvlad_tutorial.features import features_key, stored_local_features
+from netvlad_tutorial.model import build_model, centroids_path, make_model
 from netvlad_tutorial.synthetic import city_is_current, make_synthetic_city
+from netvlad_tutorial.utils import cache_dir, default_data_root, load_torch_file, resolve_precision
 from netvlad_tutorial.viz import to_image
 
 
@@ -303,3 +311,198 @@ def test_a_decompression_bomb_is_a_clear_error(city, capsys):
         load_image(path)
     err = _cli_error(capsys, ["check-data", "--root", city, "--split", "test"])
     assert str(path) in err and "decompression bomb" in err.lower()
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Caches are keyed by content and checked before use
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def own_run(micro_city, tmp_path_factory):
+    """A private copy of the micro city and a finished 1-epoch run on it (16 x 24 images)."""
+    base = tmp_path_factory.mktemp("own_run")
+    city = Path(shutil.copytree(micro_city, base / "city"))
+    config = _micro_config(city).replace(image_size=(16, 24), epochs=1, max_queries=4)
+    with pytest.MonkeyPatch.context() as mp:  # the cache folder of every test (conftest)
+        mp.setenv("NETVLAD_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+        tr.train(config, base / "run")
+    return city, base / "run", config
+
+
+def _copy(path, tmp_path):
+    return Path(shutil.copytree(path, tmp_path / path.name))
+
+
+def test_resume_refuses_train_images_replaced_in_place(own_run):
+    city, run_dir, config = own_run
+    image = city / load_split(city, "train").db.dbImage[-1]  # not the first: main read that
+    old, stat = image.read_bytes(), image.stat()
+    try:
+        image.write_bytes(old[:-10] + b"\xff\xd9" * 5)  # another picture under the same name
+        with pytest.raises(ValueError, match="other data"):
+            tr.train(config.replace(epochs=2), run_dir, resume=True)
+    finally:
+        image.write_bytes(old)
+        os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert not (run_dir / "log.json").read_text().count('"epoch": 1')
+
+
+def test_the_fingerprint_sees_every_file_by_size_and_time(own_run, tmp_path):
+    city, _, _ = own_run
+    split = load_split(city, "train")
+    before = data_fingerprint(split)
+    last = city / split.db.dbImage[-1]
+    os.utime(last, ns=(last.stat().st_atime_ns, last.stat().st_mtime_ns + 10**9))
+    try:
+        assert data_fingerprint(split) != before
+    finally:
+        os.utime(last, ns=(last.stat().st_atime_ns, last.stat().st_mtime_ns - 10**9))
+    assert data_fingerprint(split) == before
+
+
+def _centroid_setup(own_run):
+    city, _, config = own_run
+    split = load_split(city, "train")
+    return split, config, centroids_path(config, split)
+
+
+@pytest.mark.parametrize("damage", ["nan", "shape", "list", "alpha-string", "no-alpha"])
+def test_a_bad_centroid_cache_is_recomputed_with_a_note(own_run, damage, capsys):
+    split, config, path = _centroid_setup(own_run)
+    good = load_torch_file(path, "centroid cache")
+    bad = dict(good)
+    if damage == "nan":
+        bad["centroids"] = torch.full_like(good["centroids"], float("nan"))
+    elif damage == "shape":
+        bad["centroids"] = good["centroids"][:, :7]
+    elif damage == "list":
+        bad["centroids"] = good["centroids"].tolist()
+    elif damage == "alpha-string":
+        bad["alpha"] = "100"
+    else:
+        del bad["alpha"]
+    torch.save(bad, path)
+    model = make_model(config, split, torch.device("cpu"))
+    assert "computing the centroids again" in capsys.readouterr().out
+    assert torch.equal(model.pool.centroids.detach(), good["centroids"])
+    again = load_torch_file(path, "centroid cache")
+    assert torch.equal(again["centroids"], good["centroids"]) and again["alpha"] == good["alpha"]
+
+
+def test_resume_from_a_nan_latest_is_refused(own_run, tmp_path, capsys):
+    _, run_dir, config = own_run
+    run_dir = _copy(run_dir, tmp_path)
+    latest = load_torch_file(run_dir / "latest.pth")
+    name = next(k for k, v in latest["model"].items() if v.is_floating_point())
+    latest["model"][name] = torch.full_like(latest["model"][name], float("nan"))
+    torch.save(latest, run_dir / "latest.pth")
+    with pytest.raises(ValueError, match="NaN or infinite") as err:
+        tr.train(config.replace(epochs=2), run_dir, resume=True)
+    assert "latest.pth" in str(err.value) and name in str(err.value)
+
+
+def test_evaluate_refuses_a_nan_checkpoint(own_run, tmp_path, capsys):
+    city, run_dir, _ = own_run
+    best = load_torch_file(run_dir / "best.pth")
+    best["model"]["pool.centroids"] = best["model"]["pool.centroids"] * float("inf")
+    torch.save(best, tmp_path / "best.pth")
+    err = _cli_error(capsys, ["evaluate", "--data-root", city, "--checkpoint",
+                              tmp_path / "best.pth", "--fp32"])
+    assert "best.pth" in err and "pool.centroids" in err and "NaN or infinite" in err
+
+
+def test_a_wrong_shaped_feature_cache_is_encoded_again(own_run, capsys):
+    city, _, config = own_run
+    split = load_split(city, "val")
+    encoder = build_model(num_clusters=4).encoder.eval().requires_grad_(False)
+    dataset = whole_dataset(split, config)
+    precision = resolve_precision("fp32", "cpu", verbose=False)
+    first = stored_local_features(encoder, dataset, precision=precision)
+    path = cache_dir() / "features" / f"{features_key(encoder, dataset, precision)}.npy"
+    np.save(path, first[:, :100])  # right length and dtype, wrong shape
+    capsys.readouterr()
+    again = stored_local_features(encoder, dataset, precision=precision)
+    assert "encoding again" in capsys.readouterr().out
+    assert np.array_equal(again, first) and np.load(path).shape == first.shape
+    first[0, 0, 0, 0] = np.nan
+    np.save(path, first)
+    assert np.isfinite(stored_local_features(encoder, dataset, precision=precision)).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Every traceback becomes a message naming the file or flag
+# ---------------------------------------------------------------------------------------------
+
+
+def _damaged_checkpoint(run_dir, tmp_path, change):
+    ckpt = load_torch_file(run_dir / "best.pth")
+    change(ckpt)
+    torch.save(ckpt, tmp_path / "best.pth")
+    return tmp_path / "best.pth"
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["config"].update(lr="0.01"), "lr"),
+    (lambda c: c["config"].update(image_size=["16", 24]), "image_size"),
+    (lambda c: c["config"].update(num_clusters=10**9), "num_clusters"),
+    (lambda c: c["model_config"].update(num_clusters=10**9), "num_clusters"),
+    (lambda c: c["model_config"].update(dim="512"), "dim")])
+def test_a_checkpoint_with_wrong_types_or_sizes_is_a_message(own_run, tmp_path, capsys,
+                                                            change, message):
+    city, run_dir, _ = own_run
+    path = _damaged_checkpoint(run_dir, tmp_path, change)
+    err = _cli_error(capsys, ["evaluate", "--data-root", city, "--checkpoint", path, "--fp32"])
+    assert str(path) in err and message in err
+
+
+@pytest.mark.parametrize("key", ["rng", "optimizer", "history"])
+def test_a_latest_without_its_state_is_a_message(own_run, tmp_path, capsys, key):
+    city, run_dir, config = own_run
+    run_dir = _copy(run_dir, tmp_path)
+    latest = load_torch_file(run_dir / "latest.pth")
+    del latest[key]
+    torch.save(latest, run_dir / "latest.pth")
+    with pytest.raises(ValueError, match=f"latest.pth cannot be resumed: its '{key}'"):
+        tr.train(config.replace(epochs=2), run_dir, resume=True)
+
+
+def test_a_run_config_with_strings_for_numbers_is_a_message(own_run, tmp_path):
+    _, run_dir, config = own_run
+    run_dir = _copy(run_dir, tmp_path)
+    saved = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**saved, "batch_size": "4"}))
+    with pytest.raises(ValueError, match="config.json: setting batch_size is '4'"):
+        tr.train(config, run_dir, resume=True)
+
+
+def test_a_cache_folder_of_an_unknown_user_is_a_message(monkeypatch, capsys):
+    monkeypatch.setenv("NETVLAD_CACHE_DIR", "~nouser_xyz/x")
+    with pytest.raises(ValueError, match="NETVLAD_CACHE_DIR"):
+        cache_dir()
+    monkeypatch.setenv("NETVLAD_DATA_ROOT", "~nouser_xyz/data")
+    with pytest.raises(ValueError, match="NETVLAD_DATA_ROOT"):
+        default_data_root()
+
+
+@pytest.mark.parametrize("text", ['{"cells": 3}', '[1, 2]', "not json", ""])
+def test_run_notebooks_on_a_file_that_is_not_a_notebook(tmp_path, capsys, text):
+    path = tmp_path / "x.ipynb"
+    path.write_text(text)
+    err = _cli_error(capsys, ["run-notebooks", path])
+    assert str(path) in err and "not a Jupyter notebook" in err
+    assert path.read_text() == text
+
+
+def test_run_notebooks_names_the_failing_cell(tmp_path, capsys):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# x"),
+                                         nbformat.v4.new_code_cell("a = 1"),
+                                         nbformat.v4.new_code_cell("1 / 0")])
+    path = tmp_path / "failing.ipynb"
+    nbformat.write(nb, path)
+    before = path.read_text()
+    err = _cli_error(capsys, ["run-notebooks", path, "--timeout", "120"])
+    assert str(path) in err and "cell 3" in err and "ZeroDivisionError" in err
+    assert path.read_text() == before
