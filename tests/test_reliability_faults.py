@@ -2,14 +2,18 @@
 (data loss, concurrent writers, reads outside the root, caches, disk faults, network, tracebacks,
 images) that failed before the fix: a clear exit-2 error every time, nothing of the user's lost."""
 
+import hashlib
+import http.server
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import struct
 import subprocess
 import sys
+import threading
 import zlib
 from pathlib import Path
 
@@ -19,7 +23,7 @@ import torch
 from PIL import Image
 from test_train import _micro_config  # tests/ is on sys.path under pytest
 
-from netvlad_tutorial import synthetic
+from netvlad_tutorial import synthetic, weights
 from netvlad_tutorial import train as tr
 from netvlad_tutorial.cli import main as cli_main
 from netvlad_tutorial.data import (
@@ -506,3 +510,215 @@ def test_run_notebooks_names_the_failing_cell(tmp_path, capsys):
     err = _cli_error(capsys, ["run-notebooks", path, "--timeout", "120"])
     assert str(path) in err and "cell 3" in err and "ZeroDivisionError" in err
     assert path.read_text() == before
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Real disk faults: a file size limit (RLIMIT_FSIZE) and a full tmpfs, in a subprocess
+# ---------------------------------------------------------------------------------------------
+
+_CHILD = """
+import json, sys
+from netvlad_tutorial import cli, config, weights
+args = json.loads(sys.argv[1])
+if "preset" in args:
+    config.PRESETS["limited"] = config.TrainConfig.from_dict(args["preset"])
+if "weights" in args:
+    weights.REGISTRY["limited"] = weights.Weights(**args["weights"])
+cli.main(args["argv"])
+"""
+
+
+def _fsize_limit(limit):
+    """preexec_fn: files may grow to `limit` bytes; past it write() fails with EFBIG (SIGXFSZ,
+    which would kill the process, is ignored)."""
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return limited
+
+
+def _child(args, env, limit=None, tmpfs=None):
+    """Run the CLI (`args["argv"]`) in a child process under a real limit; (code, output)."""
+    command = [sys.executable, "-c", _CHILD, json.dumps(args)]
+    if tmpfs is not None:  # a private mount namespace: the tmpfs goes with the child
+        command = ["unshare", "-rm", "sh", "-c",
+                   f'mount -t tmpfs -o size=64k tmpfs "{tmpfs}" && exec "$@"', "sh", *command]
+    done = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=300, preexec_fn=_fsize_limit(limit) if limit else None)
+    return done.returncode, done.stdout + done.stderr
+
+
+def _train_args(own_run, run_dir):
+    city, _, config = own_run
+    return {"preset": tr._config_json(config.replace(num_workers=0)),
+            "argv": ["train", "--data-root", str(city), "--out", str(run_dir), "--preset",
+                     "limited", "--fp32"]}
+
+
+def test_train_at_a_file_size_limit_is_a_message(own_run, tmp_path):
+    """The centroid cache fits (40 KB), the features do not (a note: not kept), the checkpoint
+    does not either: exit 2 naming latest.pth, no traceback, no temporary file left."""
+    run_dir = tmp_path / "run"
+    code, out = _child(_train_args(own_run, run_dir), {"NETVLAD_CACHE_DIR": str(tmp_path / "c")},
+                       limit=60_000)
+    assert code == 2, out
+    assert "Traceback" not in out and "[Errno None]" not in out and ": None" not in out
+    error = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "cannot write" in error[0] and "latest.pth" in error[0]
+    assert "features are not kept" in out
+    assert json.loads((run_dir / "config.json").read_text())["seed"] == own_run[2].seed
+    assert not list(run_dir.glob(".*.tmp")) and not (run_dir / "latest.pth").exists()
+    assert not list((tmp_path / "c").rglob("*.tmp"))
+
+
+def test_train_on_a_full_tmpfs_is_a_message(own_run, tmp_path):
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs tmpfs {tmp_path}"],
+            capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (no unshare, or user namespaces are not allowed)")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    code, out = _child(_train_args(own_run, mount / "run"),
+                       {"NETVLAD_CACHE_DIR": str(tmp_path / "c")}, tmpfs=mount)
+    assert code == 2, out
+    error = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "cannot write" in error[0] and "latest.pth" in error[0], out
+    assert "Traceback" not in out
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. The network has limits: timeouts, a size cap, partial and hand-placed files
+# ---------------------------------------------------------------------------------------------
+
+
+class _Server:
+    """A server on 127.0.0.1 for `weights download`: `mode` "good", "silent" (never answers),
+    "stall" (headers, then nothing) or "endless" (a body without end). Each handler stops by
+    itself (after 30 s, or 256 MiB, or when the client goes)."""
+
+    def __init__(self, data):
+        self.data, self.mode, self.stop = data, "good", threading.Event()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if server.mode == "silent":
+                    server.stop.wait(30)
+                    return
+                self.send_response(200)
+                if server.mode != "endless":
+                    self.send_header("Content-Length", str(len(server.data)))
+                self.end_headers()
+                if server.mode == "stall":
+                    self.wfile.write(server.data[:10])
+                    self.wfile.flush()
+                    server.stop.wait(30)
+                    return
+                if server.mode == "endless":
+                    try:
+                        for _ in range(4096):
+                            if server.stop.is_set():
+                                break
+                            self.wfile.write(b"\0" * 65536)
+                    except OSError:  # the client has gone
+                        pass
+                    return
+                self.wfile.write(server.data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.stop.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    """A served Nanne-format model file with no published hash, and its registry entry."""
+    torch.save({"state_dict": {"encoder.0.weight": torch.randn(64, 3, 3, 3),
+                               "pool.centroids": torch.rand(4, 512),
+                               "pool.conv.weight": torch.randn(4, 512, 1, 1)}},
+               tmp_path / "model.pth.tar")
+    served = _Server((tmp_path / "model.pth.tar").read_bytes())
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setenv(weights.WEIGHTS_URL_ENV, served.url)
+    served.entry = weights.Weights("test-model", "https://example.invalid/m", "model.pth.tar",
+                                   None, "model", "test", "test")
+    served.folder = tmp_path / "torch_home" / "hub" / "checkpoints"
+    yield served
+    served.close()
+
+
+def _left(folder):
+    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock")) \
+        if folder.exists() else []
+
+
+@pytest.mark.parametrize("mode", ["silent", "stall"])
+def test_a_server_that_stops_answering_times_out(server, mode):
+    server.mode = mode
+    with pytest.raises(ValueError, match="timed out"):
+        weights.download_weights(server.entry, progress=False, allow_unverified=True,
+                                 timeout=0.5)
+    assert _left(server.folder) == []
+
+
+def test_an_endless_body_is_cut_at_the_cap(server):
+    server.mode = "endless"
+    with pytest.raises(ValueError, match="more than the 1,000,000 bytes"):
+        weights.download_weights(server.entry, progress=False, allow_unverified=True,
+                                 max_bytes=1_000_000)
+    assert _left(server.folder) == []
+
+
+def test_a_killed_download_leaves_a_partial_that_the_next_run_removes(server, capsys):
+    server.folder.mkdir(parents=True)
+    left = server.folder / ".model.pth.tar.0123abcd.download"
+    left.write_bytes(b"half a download")
+    path = weights.download_weights(server.entry, progress=False, allow_unverified=True)
+    assert _left(server.folder) == ["model.pth.tar", "model.pth.tar.sha256"]
+    assert path.read_bytes() == server.data and "Removed" in capsys.readouterr().out
+
+
+def test_a_hand_placed_file_without_a_hash_is_checked_not_trusted(server, capsys):
+    server.folder.mkdir(parents=True)
+    placed = server.folder / "model.pth.tar"
+    placed.write_bytes(server.data[: len(server.data) // 2])  # truncated, no sidecar
+    with pytest.raises(ValueError, match="cannot be verified"):
+        weights.download_weights(server.entry, progress=False)
+    with pytest.raises(ValueError, match="truncated"):
+        weights.download_weights(server.entry, progress=False, allow_unverified=True)
+    placed.write_bytes(server.data)  # whole: its layout is checked and its hash recorded
+    weights.download_weights(server.entry, progress=False, allow_unverified=True)
+    sidecar = (server.folder / "model.pth.tar.sha256").read_text().split()[0]
+    assert sidecar == hashlib.sha256(server.data).hexdigest()
+
+
+def test_an_empty_sha256_sidecar_is_a_message(server, capsys):
+    server.folder.mkdir(parents=True)
+    (server.folder / "model.pth.tar").write_bytes(server.data)
+    (server.folder / "model.pth.tar.sha256").write_text("")
+    with pytest.raises(ValueError, match="model.pth.tar.sha256 holds no sha256"):
+        weights.download_weights(server.entry, progress=False)
+
+
+def test_a_download_at_a_file_size_limit_is_a_message(server, tmp_path):
+    entry = {k: getattr(server.entry, k) for k in ("name", "url", "filename", "sha256",
+                                                  "kind", "description", "usage")}
+    code, out = _child({"weights": {**entry, "name": "limited"},
+                        "argv": ["weights", "download", "limited", "--allow-unverified"]},
+                       {"TORCH_HOME": str(tmp_path / "torch_home"),
+                        weights.WEIGHTS_URL_ENV: server.url}, limit=20_000)
+    assert code == 2, out
+    error = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "cannot write" in error[0] and "model.pth.tar" in error[0], out
+    assert "Traceback" not in out and _left(server.folder) == []
