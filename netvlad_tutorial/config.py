@@ -92,6 +92,8 @@ class TrainConfig:
             strict: refuse settings this version does not know; else drop them (with a note).
             version: the package version that wrote the file, for the error message.
         """
+        if not isinstance(d, dict):
+            raise ValueError(f"{source} holds {type(d).__name__}, not a dict of settings")
         d, names = dict(d), {f.name for f in dataclasses.fields(cls)}
         if "amp" in d and "amp" not in names:
             d["precision"] = "auto" if d.pop("amp") else "fp32"

@@ -134,9 +134,18 @@ def _number(value, name, path):
     return value.item()
 
 
+def _numbers(value, name, path, dtype):
+    """`value` as an array of `dtype`, or a DataLayoutError naming the field (text, cells)."""
+    try:
+        return np.asarray(value).astype(dtype)
+    except (TypeError, ValueError) as err:
+        raise DataLayoutError(f"{path}: `dbStruct.{name}` should hold numbers ({err}).\n"
+                              f"{PITTSBURGH_LAYOUT}") from None
+
+
 def _utm(value, name, path):
     """A 2 x N UTM field as an (N, 2) float64 array; errors name the field."""
-    value = np.asarray(value, np.float64)
+    value = _numbers(value, name, path, np.float64)
     if value.ndim != 2 or value.shape[0] != 2:
         if value.size == 0:
             return np.zeros((0, 2))
@@ -177,8 +186,8 @@ def parse_db_struct(path):
     f = _struct_fields(mat["dbStruct"], path)
     db_time = q_time = None
     if "dbTimeStamp" in f:
-        db_time = np.asarray(f["dbTimeStamp"]).ravel().astype(np.int64)
-        q_time = np.asarray(f["qTimeStamp"]).ravel().astype(np.int64)
+        db_time = _numbers(f["dbTimeStamp"], "dbTimeStamp", path, np.int64).ravel()
+        q_time = _numbers(f["qTimeStamp"], "qTimeStamp", path, np.int64).ravel()
     which = np.asarray(f["whichSet"]).ravel()
     which = str(which[0]) if which.size == 1 else ""
     dataset = path.stem.removesuffix(f"_{which}")
@@ -639,7 +648,10 @@ def _utm_from_name(path):
     """(easting, northing) from a VPR-benchmark name `@easting@northing@...@.jpg`."""
     fields = path.name.split("@")
     try:
-        return float(fields[1]), float(fields[2])
+        east, north = float(fields[1]), float(fields[2])
+        if not np.isfinite([east, north]).all():
+            raise ValueError("not finite")
+        return east, north
     except (IndexError, ValueError):
         raise DataLayoutError(f"{path}: cannot read UTM easting/northing from the name.\n"
                               f"{FOLDER_LAYOUT}") from None

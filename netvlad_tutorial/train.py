@@ -429,7 +429,8 @@ def _check_run_config(run_dir, config, train_split=None):
                          "--out, or --overwrite to replace it")
     data_file = run_dir / "data.json"
     if train_split is not None and data_file.exists():
-        saved = _read_json(data_file).get("train_fingerprint")
+        saved = _read_json(data_file)
+        saved = saved.get("train_fingerprint") if isinstance(saved, dict) else None
         if saved != data_fingerprint(train_split):
             raise ValueError(f"{run_dir} holds a run trained on other data than "
                              f"{train_split.root}: images were added, removed or changed (by "

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy.io import loadmat, savemat
 from test_train import _micro_config  # tests/ is on sys.path under pytest
 
 from netvlad_tutorial import synthetic, weights
@@ -38,6 +39,7 @@ from netvlad_tutorial.data import (
     struct_path,
     whole_dataset,
 )
+from netvlad_tutorial.evaluate import pca_path
 from netvlad_tutorial.features import features_key, stored_local_features
 from netvlad_tutorial.model import build_model, centroids_path, make_model
 from netvlad_tutorial.synthetic import city_is_current, make_synthetic_city
@@ -722,3 +724,59 @@ def test_a_download_at_a_file_size_limit_is_a_message(server, tmp_path):
     error = [line for line in out.splitlines() if line.startswith("error: ")]
     assert len(error) == 1 and "cannot write" in error[0] and "model.pth.tar" in error[0], out
     assert "Traceback" not in out and _left(server.folder) == []
+
+
+@pytest.mark.parametrize("field, value", [("utmDb", "text"), ("utmQ", [["a"], ["b"]])])
+def test_text_where_mat_positions_belong_is_a_message(city, capsys, field, value):
+    path = struct_path(city, "synthetic", "test")
+    mat = loadmat(path)
+    mat["dbStruct"][field][0, 0] = np.array(value, dtype=object)
+    savemat(path, {"dbStruct": mat["dbStruct"]})
+    err = _cli_error(capsys, ["check-data", "--root", city, "--split", "test"])
+    assert "synthetic_test.mat" in err and field in err
+
+
+def test_a_vpr_name_with_nan_coordinates_is_a_message(micro_city, tmp_path, capsys):
+    folder = tmp_path / "vpr"
+    for sub in ("database", "queries"):
+        (folder / sub).mkdir(parents=True)
+    image = next((micro_city / "000").glob("*.jpg"))
+    shutil.copy(image, folder / "database" / "@0@1@.jpg")
+    shutil.copy(image, folder / "database" / "@nan@1@.jpg")
+    shutil.copy(image, folder / "queries" / "@0@2@.jpg")
+    err = _cli_error(capsys, ["check-data", "--root", folder, "--split", "test"])
+    assert "@nan@1@.jpg" in err and "easting/northing" in err
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '"run"'])
+def test_a_run_config_that_is_not_a_dict_is_a_message(own_run, tmp_path, text):
+    _, run_dir, config = own_run
+    run_dir = _copy(run_dir, tmp_path)
+    (run_dir / "config.json").write_text(text)
+    with pytest.raises(ValueError, match="config.json holds"):
+        tr.train(config, run_dir, resume=True)
+    (run_dir / "config.json").write_text(json.dumps(tr._config_json(config)))
+    (run_dir / "data.json").write_text(text)
+    with pytest.raises(ValueError, match="other data"):
+        tr.train(config.replace(epochs=2), run_dir, resume=True)
+
+
+@pytest.mark.parametrize("damage", ["keys", "nan", "in_dim"])
+def test_a_damaged_pca_file_is_a_message(own_run, tmp_path, capsys, damage):
+    city, run_dir, _ = own_run
+    checkpoint = Path(shutil.copy(run_dir / "best.pth", tmp_path / "best.pth"))
+    assert cli_main(["evaluate", "--data-root", str(city), "--checkpoint", str(checkpoint),
+                     "--fp32", "--pca", "--pca-dim", "8", "--save-pca"]) is None
+    side = pca_path(checkpoint, 8)
+    stored = load_torch_file(side)
+    if damage == "keys":
+        stored = {"state_dict": stored["state_dict"]}
+    elif damage == "nan":
+        name = next(iter(stored["state_dict"]))
+        stored["state_dict"][name] = stored["state_dict"][name] * float("nan")
+    else:
+        stored["in_dim"] = 7
+    torch.save(stored, side)
+    err = _cli_error(capsys, ["evaluate", "--data-root", city, "--checkpoint", checkpoint,
+                              "--fp32", "--pca", "--pca-dim", "8"])
+    assert str(side) in err
