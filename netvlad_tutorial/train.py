@@ -479,9 +479,10 @@ def _clean_run_dir(run_dir, found, overwrite):
     if overwrite:
         for name in found:
             (run_dir / name).unlink()
-        for path in run_dir.glob("*.pca*.pth"):  # PCA files of the replaced checkpoints
+        for path in [*run_dir.glob("best.pca*.pth"), *run_dir.glob("latest.pca*.pth")]:
+            # the PCA files of the replaced checkpoints (`evaluate --save-pca`), none other
             path.unlink()
-    for path in remove_temporary_files(run_dir):
+    for path in remove_temporary_files(run_dir, RUN_FILES):
         print(f"Removed {display_path(path)}, left by an interrupted write")
 
 

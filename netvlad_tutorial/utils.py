@@ -410,14 +410,20 @@ def atomic_save(obj, path):
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def remove_temporary_files(folder):
+def remove_temporary_files(folder, names=None):
     """Delete the `.NAME.XXXX.tmp` files that a killed `atomic_write` left in `folder`.
+
+    Args:
+        names: the file names whose temporary files to delete (e.g. a run's files); None: any
+            NAME. Another `.something.tmp` of the user's is then kept.
 
     Returns:
         the paths removed.
     """
     folder = Path(folder)
-    removed = sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
+    patterns = [".*.tmp"] if names is None else [f".{name}.*.tmp" for name in names]
+    removed = sorted({p for pattern in patterns for p in folder.glob(pattern)}
+                     if folder.is_dir() else [])
     for path in removed:
         path.unlink(missing_ok=True)
     return removed
