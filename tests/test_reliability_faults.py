@@ -514,7 +514,7 @@ def test_run_notebooks_names_the_failing_cell(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Real disk faults: a file size limit (RLIMIT_FSIZE) and a full tmpfs, in a subprocess
+# 5. Real disk faults: a file size limit (RLIMIT_FSIZE) and a full tmpfs (downloads, below)
 # ---------------------------------------------------------------------------------------------
 
 _CHILD = """
@@ -545,7 +545,7 @@ def _child(args, env, limit=None, tmpfs=None):
     command = [sys.executable, "-c", _CHILD, json.dumps(args)]
     if tmpfs is not None:  # a private mount namespace: the tmpfs goes with the child
         command = ["unshare", "-rm", "sh", "-c",
-                   f'mount -t tmpfs -o size=64k tmpfs "{tmpfs}" && exec "$@"', "sh", *command]
+                   f'mount -t tmpfs -o size=16k tmpfs "{tmpfs}" && exec "$@"', "sh", *command]
     done = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True,
                           timeout=300, preexec_fn=_fsize_limit(limit) if limit else None)
     return done.returncode, done.stdout + done.stderr
@@ -572,21 +572,6 @@ def test_train_at_a_file_size_limit_is_a_message(own_run, tmp_path):
     assert json.loads((run_dir / "config.json").read_text())["seed"] == own_run[2].seed
     assert not list(run_dir.glob(".*.tmp")) and not (run_dir / "latest.pth").exists()
     assert not list((tmp_path / "c").rglob("*.tmp"))
-
-
-def test_train_on_a_full_tmpfs_is_a_message(own_run, tmp_path):
-    if shutil.which("unshare") is None or subprocess.run(
-            ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs tmpfs {tmp_path}"],
-            capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (no unshare, or user namespaces are not allowed)")
-    mount = tmp_path / "small"
-    mount.mkdir()
-    code, out = _child(_train_args(own_run, mount / "run"),
-                       {"NETVLAD_CACHE_DIR": str(tmp_path / "c")}, tmpfs=mount)
-    assert code == 2, out
-    error = [line for line in out.splitlines() if line.startswith("error: ")]
-    assert len(error) == 1 and "cannot write" in error[0] and "latest.pth" in error[0], out
-    assert "Traceback" not in out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -712,17 +697,31 @@ def test_an_empty_sha256_sidecar_is_a_message(server, capsys):
         weights.download_weights(server.entry, progress=False)
 
 
-def test_a_download_at_a_file_size_limit_is_a_message(server, tmp_path):
+def _can_mount_tmpfs(folder):
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "-rm", "sh", "-c", f'mount -t tmpfs tmpfs "{folder}"'],
+        capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("fault", ["file size limit", "full tmpfs"])
+def test_a_download_onto_a_full_disk_is_a_message(server, tmp_path, fault):
+    """The 23 KB file does not fit under RLIMIT_FSIZE 20,000, nor on a 16 KiB tmpfs."""
+    server.folder.mkdir(parents=True)
+    if fault == "full tmpfs" and not _can_mount_tmpfs(server.folder):
+        pytest.skip("cannot mount a tmpfs here (no unshare, or user namespaces are not allowed)")
     entry = {k: getattr(server.entry, k) for k in ("name", "url", "filename", "sha256",
                                                   "kind", "description", "usage")}
     code, out = _child({"weights": {**entry, "name": "limited"},
                         "argv": ["weights", "download", "limited", "--allow-unverified"]},
                        {"TORCH_HOME": str(tmp_path / "torch_home"),
-                        weights.WEIGHTS_URL_ENV: server.url}, limit=20_000)
+                        weights.WEIGHTS_URL_ENV: server.url},
+                       limit=20_000 if fault == "file size limit" else None,
+                       tmpfs=server.folder if fault == "full tmpfs" else None)
     assert code == 2, out
     error = [line for line in out.splitlines() if line.startswith("error: ")]
     assert len(error) == 1 and "cannot write" in error[0] and "model.pth.tar" in error[0], out
-    assert "Traceback" not in out and _left(server.folder) == []
+    assert "Traceback" not in out and "[Errno None]" not in out
+    assert _left(server.folder) == []
 
 
 @pytest.mark.parametrize("field, value", [("utmDb", "text"), ("utmQ", [["a"], ["b"]])])
