@@ -640,14 +640,17 @@ def stops_early(record, epoch, config):
     return False
 
 
-RUN_LOCK = ".lock"  # the run folder's lock file (`utils.folder_lock`)
+def run_lock(run_dir):
+    """The lock file of a run folder, beside it: `RUNS/.NAME.lock` (`utils.folder_lock`)."""
+    run_dir = Path(run_dir).resolve()
+    return run_dir.parent / f".{run_dir.name}.lock"
 
 
 def train(config, run_dir, resume=False, stop_after=None, overwrite=False):
-    """`_train`, holding the run folder's lock: a second `train` on `run_dir` is refused
-    (`utils.FolderInUseError`) while this one runs, so no folder mixes two runs."""
+    """`_train`, holding the run folder's lock (`run_lock`): a second `train` on `run_dir` is
+    refused (`utils.FolderInUseError`) while this one runs, so no folder mixes two runs."""
     run_dir = Path(run_dir)
-    with folder_lock(run_dir / RUN_LOCK, run_dir, "train"):
+    with folder_lock(run_lock(run_dir), run_dir, "train"):
         return _train(config, run_dir, resume, stop_after, overwrite)
 
 

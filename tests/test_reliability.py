@@ -344,7 +344,7 @@ def test_overwrite_replaces_the_run(fast_run, tmp_path, monkeypatch):
     monkeypatch.setattr(tr, "make_model", stop)  # stop right after the folder is prepared
     with pytest.raises(KeyboardInterrupt):
         tr.train(config, run_dir, overwrite=True)
-    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "config.json", "data.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "data.json"]
 
 
 # ---------------------------------------------------------------------------------------------

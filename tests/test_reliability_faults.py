@@ -146,7 +146,7 @@ def test_a_second_train_on_one_run_folder_is_refused(micro_city, tmp_path, capsy
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "config.json").write_text('{"seed": 1}')  # the first run's, being written
-    holder = _LockHolder(run_dir / ".lock")
+    holder = _LockHolder(tmp_path / ".run.lock")
     try:
         err = _cli_error(capsys, ["train", "--data-root", micro_city, "--out", run_dir,
                                   "--overwrite", "--seed", "2"])
