@@ -375,7 +375,9 @@ class NegativeSampler:
             negatives = np.flatnonzero(self.is_negative(query_index, np.arange(num_db)))
             if len(negatives) < n:
                 raise ValueError(f"query {query_index} has only {len(negatives)} database "
-                                 f"images beyond {self.radius:g} m, {n} negatives asked for")
+                                 f"images beyond {self.radius:g} m, {n} negatives asked for "
+                                 "(the setting n_neg_sample): use a preset with a smaller "
+                                 "n_neg_sample, or a train split with more database images")
             return rng.choice(negatives, size=n, replace=False)
         picked = np.empty(0, dtype=np.int64)
         while len(picked) < n:

@@ -31,6 +31,7 @@ from netvlad_tutorial.config import TrainConfig
 from netvlad_tutorial.data import (
     QUERIES_DIR,
     DataLayoutError,
+    NegativeSampler,
     WholeDataset,
     data_fingerprint,
     load_image,
@@ -793,3 +794,10 @@ def test_overwrite_and_resume_delete_only_the_runs_own_files(own_run, tmp_path):
     assert {n: (run_dir / n).read_bytes() for n in mine} == mine
     assert not (run_dir / ".latest.pth.abc123.tmp").exists()
     assert not (run_dir / "best.pca8.pth").exists()
+
+
+def test_too_few_negatives_names_the_setting(micro_city):
+    """The tiny preset (n_neg_sample 200) on the micro city: the message names the setting."""
+    db = load_split(micro_city, "train").db
+    with pytest.raises(ValueError, match="n_neg_sample"):
+        NegativeSampler(db).sample(0, db.numDb, np.random.default_rng(0))
