@@ -601,7 +601,12 @@ def make_synthetic_city(root, preset="tiny", seed=0, image_size=None):
             os.replace(tmp, root)
             if old is not None:
                 _remove_named(old / root.name, old_files)
-                _remove_named(old, [PARTIAL_MARK])
+                if (old / root.name).exists():  # files added while the city was generated
+                    (old / PARTIAL_MARK).unlink()  # kept for good, not a leftover
+                    print(f"Kept {old / root.name}: it holds files that make-synthetic did "
+                          "not write")
+                else:
+                    _remove_named(old, [PARTIAL_MARK])
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp)

@@ -801,3 +801,19 @@ def test_too_few_negatives_names_the_setting(micro_city):
     db = load_split(micro_city, "train").db
     with pytest.raises(ValueError, match="n_neg_sample"):
         NegativeSampler(db).sample(0, db.numDb, np.random.default_rng(0))
+
+
+def test_a_file_added_while_a_city_is_generated_is_kept(city, monkeypatch):
+    real = synthetic._write_city
+
+    def user_adds_a_file(*args):
+        real(*args)
+        (city / "000" / "added_meanwhile.txt").write_bytes(b"mine")
+
+    monkeypatch.setattr(synthetic, "_write_city", user_adds_a_file)
+    make_synthetic_city(city, preset="micro", seed=1)
+    monkeypatch.undo()
+    make_synthetic_city(city, preset="micro", seed=2)  # removes only marked leftovers
+    kept = list(city.parent.glob(".city.*.partial/city/000/added_meanwhile.txt"))
+    assert len(kept) == 1 and kept[0].read_bytes() == b"mine"
+    assert city_is_current(city, "micro", 2)
