@@ -760,23 +760,21 @@ def test_a_run_config_that_is_not_a_dict_is_a_message(own_run, tmp_path, text):
         tr.train(config.replace(epochs=2), run_dir, resume=True)
 
 
-@pytest.mark.parametrize("damage", ["nan", "in_dim"])
-def test_a_damaged_pca_file_is_a_message(own_run, tmp_path, capsys, damage):
+def test_a_damaged_pca_file_is_a_message(own_run, tmp_path, capsys):
+    """A PCA file (`--save-pca`) with NaN weights, or fitted for another input size."""
     city, run_dir, _ = own_run
     checkpoint = Path(shutil.copy(run_dir / "best.pth", tmp_path / "best.pth"))
-    assert cli_main(["evaluate", "--data-root", str(city), "--checkpoint", str(checkpoint),
-                     "--fp32", "--pca", "--pca-dim", "8", "--save-pca"]) is None
+    argv = ["evaluate", "--data-root", str(city), "--checkpoint", str(checkpoint), "--fp32",
+            "--pca", "--pca-dim", "8"]
+    assert cli_main([*argv, "--save-pca"]) is None
     side = pca_path(checkpoint, 8)
-    stored = load_torch_file(side)
-    if damage == "nan":
-        name = next(iter(stored["state_dict"]))
-        stored["state_dict"][name] = stored["state_dict"][name] * float("nan")
-    else:
-        stored["in_dim"] = 7
-    torch.save(stored, side)
-    err = _cli_error(capsys, ["evaluate", "--data-root", city, "--checkpoint", checkpoint,
-                              "--fp32", "--pca", "--pca-dim", "8"])
-    assert str(side) in err
+    good = load_torch_file(side)
+    name = next(iter(good["state_dict"]))
+    nan = {**good, "state_dict": {**good["state_dict"],
+                                  name: good["state_dict"][name] * float("nan")}}
+    for damaged in (nan, {**good, "in_dim": 7}):
+        torch.save(damaged, side)
+        assert str(side) in _cli_error(capsys, argv)
 
 
 def test_overwrite_and_resume_delete_only_the_runs_own_files(own_run, tmp_path):
