@@ -148,22 +148,51 @@ def run_notebooks(paths, timeout=1200):
 
     import nbformat
     from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
 
     from .utils import atomic_write
 
     for path in map(Path, paths):
         start = time.perf_counter()
-        nb = nbformat.read(path, as_version=4)
+        nb = _read_notebook(path)
         # `display_page`: `%psource` output is stored in the notebook, not sent to a pager.
         with tempfile.TemporaryDirectory(prefix="netvlad-kernel-") as sockets:
             client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
                                     config=_kernel_transport(sockets),
                                     resources={"metadata": {"path": str(path.parent)}},
                                     extra_arguments=["--InteractiveShell.display_page=True"])
-            client.execute()
+            try:
+                client.execute()
+            except CellExecutionError as err:  # the notebook on disk is left as it was
+                raise ValueError(f"{path}: {_failed_cell(nb)} failed: "
+                                 f"{err.ename}: {err.evalue}") from None
         text = nbformat.writes(squash_progress(nb))
         atomic_write(path, text if text.endswith("\n") else text + "\n")
         print(f"{path}: executed in {time.perf_counter() - start:.0f} s")
+
+
+def _read_notebook(path):
+    """`nbformat.read(path)` (version 4), with a ValueError naming the file unless it is a
+    readable, valid notebook."""
+    import nbformat
+
+    try:
+        nb = nbformat.read(path, as_version=4)
+        nbformat.validate(nb)
+    except OSError:
+        raise
+    except Exception as err:  # nbformat raises many kinds: NotJSONError, KeyError, ...
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{path} is not a Jupyter notebook ({first[:200]})") from None
+    return nb
+
+
+def _failed_cell(nb):
+    """"cell N" (counting every cell from 1) of the first code cell with an error output."""
+    for i, cell in enumerate(nb.cells, start=1):
+        if any(out.get("output_type") == "error" for out in cell.get("outputs", [])):
+            return f"cell {i}"
+    return "a cell"
 
 
 def _run_notebooks(args):

@@ -5,6 +5,7 @@ The first module of the course: every later stage reads its settings from a `Tra
 
 import dataclasses
 import types
+import typing
 from dataclasses import dataclass
 
 from . import __version__
@@ -42,6 +43,9 @@ class ArgumentError(ValueError):
             if name in flags:
                 text = text.replace(spelling, flags[name])
         return text
+
+
+MAX_CLUSTERS = 4096  # 4096 x 512 centroids: a 2M-D descriptor; more is a mistake
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,10 @@ class TrainConfig:
                                 f"{self.image_size!r}", image_size="`image_size`")
         if not self.backbone:
             raise ArgumentError("`backbone` must name a backbone", backbone="`backbone`")
+        if not self.num_clusters <= MAX_CLUSTERS:
+            raise ArgumentError(f"`num_clusters` must lie in 1..{MAX_CLUSTERS}, not "
+                                f"{self.num_clusters} (NetVLAD uses 64)",
+                                num_clusters="`num_clusters`")
 
     def replace(self, **changes):
         """A copy with `changes` applied."""
@@ -157,6 +165,8 @@ class TrainConfig:
             strict: refuse settings this version does not know; else drop them (with a note).
             version: the package version that wrote the file, for the error message.
         """
+        if not isinstance(d, dict):
+            raise ValueError(f"{source} holds {type(d).__name__}, not a dict of settings")
         d, names = dict(d), {f.name for f in dataclasses.fields(cls)}
         if "amp" in d and "amp" not in names:
             d["precision"] = "auto" if d.pop("amp") else "fp32"
@@ -175,9 +185,39 @@ class TrainConfig:
             print(f"{message}; ignored")
             for key in unknown:
                 d.pop(key)
+        for f in dataclasses.fields(cls):
+            if f.name in d and not _has_type(d[f.name], f.type):
+                raise ValueError(f"{source}: setting {f.name} is {d[f.name]!r}, not of type "
+                                 f"{f.type if isinstance(f.type, str) else _type_name(f.type)}")
         if d.get("image_size") is not None:
-            d["image_size"] = tuple(d["image_size"])
-        return cls(**d)
+            size = d["image_size"]
+            if len(size) != 2 or not all(isinstance(n, int) and n > 0 for n in size):
+                raise ValueError(f"{source}: image_size is {size!r}, not (H, W) in pixels")
+            d["image_size"] = tuple(size)
+        try:
+            return cls(**d)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
+
+
+def _has_type(value, annotation):
+    """Whether `value` read from a file fits a field annotated `annotation` (`int`, `float`,
+    `str | None`, ...): an int is a float, a list a tuple, a bool only a bool."""
+    allowed = typing.get_args(annotation) or (annotation,)
+    if value is None:
+        return type(None) in allowed
+    if isinstance(value, bool):
+        return bool in allowed
+    if isinstance(value, int) and float in allowed:
+        return True
+    if isinstance(value, list) and tuple in allowed:
+        return True
+    return isinstance(value, tuple(a for a in allowed if isinstance(a, type)))
+
+
+def _type_name(annotation):
+    return " or ".join(getattr(a, "__name__", str(a))
+                       for a in (typing.get_args(annotation) or (annotation,)))
 
 
 def _types(annotation):

@@ -10,13 +10,15 @@ from a VPR-benchmark image folder. From the positions come the ground truth:
 """
 
 import hashlib
+import os
+import stat
 import time
 from collections import namedtuple
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from scipy.io import loadmat, savemat
 from scipy.io.matlab import MatReadError
 from scipy.spatial import cKDTree
@@ -89,8 +91,14 @@ def struct_path(root, name, split):
 
 
 def _strings(cell):
-    """An N x 1 MATLAB cell of strings as a list of str."""
-    return [f[0].item() for f in cell]
+    """An N x 1 MATLAB cell of strings as a list (of str: `check_image_names` checks it)."""
+    return [_entry(f[0]) for f in cell]
+
+
+def _entry(value):
+    """One cell entry: "" when empty (MATLAB's ''), its one element, or the array itself."""
+    value = np.asarray(value)
+    return "" if value.size == 0 else value.item() if value.size == 1 else value
 
 
 def _struct_fields(struct, path):
@@ -126,9 +134,18 @@ def _number(value, name, path):
     return value.item()
 
 
+def _numbers(value, name, path, dtype):
+    """`value` as an array of `dtype`, or a DataLayoutError naming the field (text, cells)."""
+    try:
+        return np.asarray(value).astype(dtype)
+    except (TypeError, ValueError) as err:
+        raise DataLayoutError(f"{path}: `dbStruct.{name}` should hold numbers ({err}).\n"
+                              f"{PITTSBURGH_LAYOUT}") from None
+
+
 def _utm(value, name, path):
     """A 2 x N UTM field as an (N, 2) float64 array; errors name the field."""
-    value = np.asarray(value, np.float64)
+    value = _numbers(value, name, path, np.float64)
     if value.ndim != 2 or value.shape[0] != 2:
         if value.size == 0:
             return np.zeros((0, 2))
@@ -169,16 +186,18 @@ def parse_db_struct(path):
     f = _struct_fields(mat["dbStruct"], path)
     db_time = q_time = None
     if "dbTimeStamp" in f:
-        db_time = np.asarray(f["dbTimeStamp"]).ravel().astype(np.int64)
-        q_time = np.asarray(f["qTimeStamp"]).ravel().astype(np.int64)
+        db_time = _numbers(f["dbTimeStamp"], "dbTimeStamp", path, np.int64).ravel()
+        q_time = _numbers(f["qTimeStamp"], "qTimeStamp", path, np.int64).ravel()
     which = np.asarray(f["whichSet"]).ravel()
     which = str(which[0]) if which.size == 1 else ""
     dataset = path.stem.removesuffix(f"_{which}")
     try:
         db_names, q_names = _strings(f["dbImageFns"]), _strings(f["qImageFns"])
-    except (TypeError, IndexError, ValueError) as err:
+    except (TypeError, IndexError, ValueError, AttributeError) as err:
         raise DataLayoutError(f"{path}: `dbImageFns`/`qImageFns` are not N x 1 cells of "
                               f"file names ({err}).\n{PITTSBURGH_LAYOUT}") from err
+    check_image_names(db_names, f"{path}: dbStruct.dbImageFns")
+    check_image_names(q_names, f"{path}: dbStruct.qImageFns")
     numbers = {n: _number(f[n], n, path) for n in ("numImages", "numQueries", "posDistThr",
                                                    "posDistSqThr", "nonTrivPosDistSqThr")}
     db = DbStruct(which, dataset, db_names, _utm(f["utmDb"], "utmDb", path),
@@ -189,6 +208,26 @@ def parse_db_struct(path):
     _check_counts(db, path)
     _check_thresholds(db, path)
     return db
+
+
+def check_image_names(names, source):
+    """Raise unless every name is a relative path that stays in its folder: a string, not
+    empty, not absolute, no `..` part, no NUL. Names in a `.mat` are untrusted input; this is
+    the cheap check on the strings, done once per split (`load_image` checks the file itself).
+    """
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            why = f"is {type(name).__name__} {name!r}, not a file name"
+        elif not name or "\0" in name:
+            why = f"{name!r} is empty or holds a NUL byte"
+        elif name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+            why = f"{name!r} is an absolute path"
+        elif ".." in name.replace("\\", "/").split("/"):
+            why = f"{name!r} climbs out of its folder with '..'"
+        else:
+            continue
+        raise DataLayoutError(f"{source}[{i}] {why}: image names are relative to the dataset "
+                              f"root (queries: to ROOT/{QUERIES_DIR}).\n{PITTSBURGH_LAYOUT}")
 
 
 def _check_thresholds(db, source):
@@ -336,7 +375,9 @@ class NegativeSampler:
             negatives = np.flatnonzero(self.is_negative(query_index, np.arange(num_db)))
             if len(negatives) < n:
                 raise ValueError(f"query {query_index} has only {len(negatives)} database "
-                                 f"images beyond {self.radius:g} m, {n} negatives asked for")
+                                 f"images beyond {self.radius:g} m, {n} negatives asked for "
+                                 "(the setting n_neg_sample): use a preset with a smaller "
+                                 "n_neg_sample, or a train split with more database images")
             return rng.choice(negatives, size=n, replace=False)
         picked = np.empty(0, dtype=np.int64)
         while len(picked) < n:
@@ -425,7 +466,7 @@ class InputTransform:
         if self.resize is not None and img.size != self.resize[::-1]:
             img = img.resize(self.resize[::-1], Image.BILINEAR)  # PIL takes (W, H)
         if img.mode != "RGB":
-            img = img.convert("RGB")
+            img = to_rgb(img)
         x = torch.from_numpy(np.array(img, np.uint8, copy=True))  # `x`: (H, W, 3)
         x = x.permute(2, 0, 1).contiguous().to(torch.float32).div(255)  # `x`: (3, H, W)
         return x.sub_(self.mean).div_(self.std)
@@ -439,24 +480,67 @@ def input_transform(resize=None):
     return InputTransform(resize)
 
 
-def load_image(path):
-    """Open an image file as RGB; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
+def _file_kind(mode):
+    kinds = {stat.S_ISDIR: "a folder", stat.S_ISFIFO: "a FIFO (named pipe)",
+             stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
+             stat.S_ISSOCK: "a socket"}
+    return next((kind for test, kind in kinds.items() if test(mode)), "not a regular file")
+
+
+def check_image_file(path, root=None):
+    """Raise unless `path` is a regular file (after symlinks) inside `root` when given.
+
+    Symlinks are followed only while they stay inside `root` (a link to a file elsewhere is
+    refused); a folder, FIFO, device or socket is refused before it is opened (a FIFO would
+    block the read for ever).
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
         raise FileNotFoundError(f"image {path} not found (database names are relative to the "
-                                f"dataset root, query names to ROOT/{QUERIES_DIR})")
+                                f"dataset root, query names to ROOT/{QUERIES_DIR})") from None
+    if not stat.S_ISREG(mode):
+        raise DataLayoutError(f"image {path} is {_file_kind(mode)}, not an image file")
+    if root is not None:
+        real, real_root = os.path.realpath(path), os.path.realpath(root)
+        if os.path.commonpath([real, real_root]) != real_root:
+            raise DataLayoutError(f"image {path} leads outside {root} (to {real}): image "
+                                  "files must lie inside their folder, symlinks included")
+
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_rgb(img):
+    """A PIL image as 8-bit RGB, upright: its EXIF orientation applied (as a photo viewer
+    shows it; torchvision ignores it), 16-bit grey scaled to 8 bits (`convert("RGB")` would
+    clip it to white)."""
+    if img.getexif().get(0x0112, 1) != 1:  # EXIF Orientation
+        img = ImageOps.exif_transpose(img)
+    if img.mode in SIXTEEN_BIT_MODES:
+        grey = np.asarray(img).astype(np.float64)  # `grey`: (H, W), 0..65535
+        img = Image.fromarray(np.clip(np.rint(grey / 257), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
+def load_image(path, root=None):
+    """Open an image file as upright 8-bit RGB (`to_rgb`); errors name the file.
+
+    Args:
+        root: the folder the image must lie in (`check_image_file`).
+    """
+    path = Path(path)
+    check_image_file(path, root)
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as err:
+            return to_rgb(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise DataLayoutError(f"image {path} cannot be read: {err}") from err
 
 
 def image_size(path):
-    """(width, height) of an image file, from its header; errors name the file."""
-    load_image(path)  # the clear errors of a missing or unreadable file
-    with Image.open(path) as img:
-        return img.size
+    """(width, height) of an image file as `load_image` gives it; errors name the file."""
+    return load_image(path).size
 
 
 def _check_root(root, queries_dir):
@@ -482,6 +566,7 @@ class WholeDataset(Dataset):
 
     def __init__(self, root, db, transform=None, queries_dir=QUERIES_DIR, same_size=False):
         self.root, self.db = _check_root(root, queries_dir), db
+        self.queries_dir = queries_dir
         self.transform = transform if transform is not None else input_transform()
         self.paths = ([self.root / name for name in db.dbImage]
                       + [self.root / queries_dir / name for name in db.qImage])
@@ -491,7 +576,8 @@ class WholeDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        image = load_image(self.paths[i])
+        image = load_image(self.paths[i], self.root if i < self.db.numDb
+                           else self.root / self.queries_dir)
         if self.size is not None and image.size != self.size:
             raise DataLayoutError(
                 f"image {self.paths[i]} is {image.size[0]}x{image.size[1]} pixels, but "
@@ -509,17 +595,24 @@ def whole_dataset(split, config):
 
 
 def data_fingerprint(split):
-    """A short digest of a split's data: its image lists, positions and first images' bytes.
+    """A short digest of a split's data: its image lists, positions, and every image file's
+    size and modification time (`os.stat`; 0.1 s per 10,000 files, no image is read).
 
-    Changes when a synthetic city is regenerated with other settings, or a data root points at
-    other data; cheap (two small files are read).
+    Changes when an image is replaced, even under the same name, when a synthetic city is
+    regenerated, or a data root points at other data; a copy that keeps the times
+    (`cp -p`, `shutil.copytree`) keeps it. A missing file counts as such.
     """
     db, root = split.db, Path(split.root)
     h = hashlib.sha1("\n".join([db.dataset, *db.dbImage, *db.qImage]).encode())
     h.update(np.ascontiguousarray(db.utmDb, dtype=np.float64).tobytes())
     h.update(np.ascontiguousarray(db.utmQ, dtype=np.float64).tobytes())
-    for path in (root / db.dbImage[0], root / split.queries_dir / db.qImage[0]):
-        h.update(path.read_bytes() if path.is_file() else b"missing")
+    for folder, names in ((root, db.dbImage), (root / split.queries_dir, db.qImage)):
+        for name in names:
+            try:
+                st = os.stat(folder / name)
+                h.update(f"{st.st_size}:{st.st_mtime_ns};".encode())
+            except OSError:
+                h.update(b"missing;")
     return h.hexdigest()[:16]
 
 
@@ -532,7 +625,10 @@ def _utm_from_name(path):
     """(easting, northing) from a VPR-benchmark name `@easting@northing@...@.jpg`."""
     fields = path.name.split("@")
     try:
-        return float(fields[1]), float(fields[2])
+        east, north = float(fields[1]), float(fields[2])
+        if not np.isfinite([east, north]).all():
+            raise ValueError("not finite")
+        return east, north
     except (IndexError, ValueError):
         raise DataLayoutError(f"{path}: cannot read UTM easting/northing from the name.\n"
                               f"{FOLDER_LAYOUT}") from None
@@ -626,11 +722,13 @@ def _summary(counts):
             "max": int(counts.max())}
 
 
-def _check_images(paths, label, decode):
-    """(path, problem) for each image that is missing or does not open."""
+def _check_images(paths, label, decode, roots=None):
+    """(path, problem) for each image that is missing, not a file inside its root (`roots`:
+    one per path), or does not open."""
     problems = []
-    for path in tqdm(paths, desc=label, unit="img"):
+    for i, path in enumerate(tqdm(paths, desc=label, unit="img")):
         try:
+            check_image_file(path, None if roots is None else roots[i])
             with Image.open(path) as img:
                 if decode:
                     img.load()
@@ -638,7 +736,9 @@ def _check_images(paths, label, decode):
                     img.verify()
         except FileNotFoundError:
             problems.append((path, "missing"))
-        except (OSError, SyntaxError, ValueError) as err:
+        except DataLayoutError as err:
+            problems.append((path, str(err).removeprefix(f"image {path} ")))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             problems.append((path, f"corrupt ({err})"))
     return problems
 
@@ -654,7 +754,8 @@ def check_split(split, decode=False):
     name = f"{db.dataset}_{db.whichSet}"
     paths = ([root / n for n in db.dbImage]
              + [root / split.queries_dir / n for n in db.qImage])
-    problems = _check_images(paths, f"checking {name}", decode)
+    roots = [root] * db.numDb + [root / split.queries_dir] * db.numQ
+    problems = _check_images(paths, f"checking {name}", decode, roots)
     if problems:
         lines = "\n".join(f"  {p}: {why}" for p, why in problems[:10])
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""

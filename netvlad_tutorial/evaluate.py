@@ -454,6 +454,21 @@ def pca_path(checkpoint, dim):
     return checkpoint.with_name(f"{checkpoint.stem}.pca{dim}.pth")
 
 
+def _check_pca_file(stored, path, in_dim):
+    """`stored` (a PCA file read from `path`) if it holds a finite PCA of `in_dim` inputs."""
+    keys = {"in_dim", "out_dim", "state_dict", "weights"}
+    if not isinstance(stored, dict) or not keys <= stored.keys() \
+            or not isinstance(stored["state_dict"], dict) or stored["in_dim"] != in_dim \
+            or type(stored["out_dim"]) is not int:
+        raise ValueError(f"{path} is not a PCA file of this model (expected {sorted(keys)}, "
+                         f"in_dim {in_dim}); remove it or run with --save-pca to fit it again")
+    if not all(torch.isfinite(v).all() for v in stored["state_dict"].values()
+               if torch.is_tensor(v)):
+        raise ValueError(f"{path} holds NaN or infinite values; remove it or run with "
+                         "--save-pca to fit it again")
+    return stored
+
+
 def _weights_digest(state_dict):
     """A short digest of a state dict's tensors: ties a PCA file to its checkpoint."""
     h = hashlib.sha1()
@@ -482,14 +497,19 @@ def load_or_fit_pca(model, config, train_split, device, pca_dim=None, checkpoint
     dim = pca_dim or config.pca_dim
     stored, side = None, pca_path(checkpoint, dim) if checkpoint else None
     if side is not None and side.is_file():
-        stored = load_torch_file(side, "PCA file")
+        stored = _check_pca_file(load_torch_file(side, "PCA file"), side, model.out_dim)
         if stored.get("weights") != _weights_digest(ckpt["model"]):
             raise ArgumentError(f"{side} was fitted for other weights than {checkpoint}; "
                                 "remove it or give `save_pca=True` to fit it again",
                                 **EVALUATE_ARGUMENTS)
     if stored is not None:
         layer = PCAWhitening(stored["in_dim"], stored["out_dim"])
-        layer.load_state_dict(stored["state_dict"])
+        try:
+            layer.load_state_dict(stored["state_dict"])
+        except (RuntimeError, KeyError, TypeError) as err:
+            first = str(err).strip().splitlines()[0]
+            raise ValueError(f"{pca_path(checkpoint, dim)}: its PCA does not fit ({first}); "
+                             "remove it or run with --save-pca to fit it again") from err
         return layer.to(device)
     if train_split is None:
         train_split = load_split(config.data_root, "train", name=config.dataset,

@@ -260,7 +260,8 @@ def stored_local_features(encoder, dataset, batch_size=24, num_workers=0, device
     if not hasattr(dataset, "paths") or not len(dataset):
         return None
     image, _ = dataset[0]  # `image`: (3, H, W)
-    if cache_memory_mib(len(dataset), _meta_shape(encoder, image.shape)) > STORED_LIMIT_MIB:
+    shape = (len(dataset), *_meta_shape(encoder, image.shape))  # (N, D, h, w)
+    if cache_memory_mib(len(dataset), shape[1:]) > STORED_LIMIT_MIB:
         return None
     path = cache_dir() / "features" / f"{features_key(encoder, dataset, precision)}.npy"
     if path.is_file():
@@ -269,15 +270,19 @@ def stored_local_features(encoder, dataset, batch_size=24, num_workers=0, device
         except (OSError, ValueError) as err:
             print(f"{display_path(path)} is unreadable ({err}): encoding again")
         else:
-            if features.dtype == np.float16 and len(features) == len(dataset):
+            if features.dtype == np.float16 and features.shape == shape \
+                    and np.isfinite(features).all():
                 print(f"local features: {features.shape[0]:,} images x {features.shape[1:]} "
                       f"float16, read from {display_path(path.parent)} (kept by an earlier run)")
                 return features
             print(f"{display_path(path)} holds {features.shape} {features.dtype}, not "
-                  f"{len(dataset)} images in float16: encoding again")
+                  f"{shape} finite float16: encoding again")
     features = compute_local_features(encoder, dataset, batch_size, num_workers, device,
                                       precision, "memory", None, label)
-    atomic_write(path, lambda f: np.save(f, features))
+    try:
+        atomic_write(path, lambda f: np.save(f, features))
+    except OSError as err:  # a full or read-only cache folder: not kept, not fatal
+        print(f"{err}; the features are not kept for the next run")
     return features
 
 

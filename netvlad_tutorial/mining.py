@@ -506,13 +506,14 @@ class TripletDataset(Dataset):
     def _database(self, j):
         if self.features is not None:
             return torch.from_numpy(np.asarray(self.features[j], dtype=np.float32))
-        return self.transform(load_image(self.root / self.db.dbImage[j]))
+        return self.transform(load_image(self.root / self.db.dbImage[j], self.root))
 
     def _query(self, q):
         if self.features is not None:
             return torch.from_numpy(np.asarray(self.features[self.db.numDb + q],
                                                dtype=np.float32))
-        return self.transform(load_image(self.root / self.queries_dir / self.db.qImage[q]))
+        qroot = self.root / self.queries_dir
+        return self.transform(load_image(qroot / self.db.qImage[q], qroot))
 
     def __getitem__(self, i):
         t = self.tuples[i]

@@ -9,6 +9,7 @@ project's checkpoints.
 import contextlib
 import hashlib
 import json
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from . import __version__, distributed
-from .config import TRAINABLE, ArgumentError, TrainConfig
+from .config import MAX_CLUSTERS, TRAINABLE, ArgumentError, TrainConfig
 from .data import data_fingerprint, whole_dataset
 from .features import as_precision, run_inference
 from .utils import (
@@ -407,8 +408,9 @@ def init_netvlad(model, dataset, cache_path=None, num_images=500, per_image=100,
     init = None
     if cache_path is not None and cache_path.exists():
         try:
-            init = load_torch_file(cache_path, "centroid cache")
-        except ValueError as err:  # a damaged cache file is computed again
+            init = check_centroid_cache(load_torch_file(cache_path, "centroid cache"),
+                                        cache_path, model.pool)
+        except ValueError as err:  # a damaged or stale cache file is computed again
             print(f"{err}; computing the centroids again")
     if init is None:
         descs = sample_local_descriptors(model.encoder, dataset, num_images, per_image,
@@ -417,9 +419,34 @@ def init_netvlad(model, dataset, cache_path=None, num_images=500, per_image=100,
         init = {"centroids": torch.from_numpy(centroids),
                 "alpha": assignment_alpha(centroids, descs), "num_descriptors": len(descs)}
         if cache_path is not None:
-            atomic_save(init, cache_path)
+            try:
+                atomic_save(init, cache_path)
+            except OSError as err:  # a full or read-only cache folder: not kept, not fatal
+                print(f"{err}; the centroids are not cached")
     model.pool.set_centroids(init["centroids"], init["alpha"])
     return {**init, "path": cache_path}
+
+
+def check_centroid_cache(init, path, pool):
+    """`init` read from the centroid cache `path` if it fits `pool`: a dict with `centroids`
+    (K, D) finite float, a finite positive `alpha` and `num_descriptors`; else ValueError."""
+    want = (pool.num_clusters, pool.dim)
+    if not isinstance(init, dict) or not {"centroids", "alpha", "num_descriptors"} <= init.keys():
+        keys = sorted(map(str, init)) if isinstance(init, dict) else type(init).__name__
+        raise ValueError(f"centroid cache {path} holds {keys}, not centroids, alpha and "
+                         "num_descriptors")
+    centroids, alpha = init["centroids"], init["alpha"]
+    if not torch.is_tensor(centroids) or not centroids.is_floating_point() \
+            or tuple(centroids.shape) != want:
+        found = tuple(centroids.shape) if torch.is_tensor(centroids) else type(centroids).__name__
+        raise ValueError(f"centroid cache {path} holds centroids {found}, not a {want} float "
+                         "tensor")
+    if not torch.isfinite(centroids).all():
+        raise ValueError(f"centroid cache {path} holds NaN or infinite centroids")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) \
+            or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"centroid cache {path} holds alpha {alpha!r}, not a positive number")
+    return init
 
 
 def random_netvlad(pool, seed=0, alpha=100.0):
@@ -725,9 +752,16 @@ def _released_model(state, path):
 def _own_model(ckpt, path):
     """An `EmbedNet` from this project's checkpoint (`model_config` + `model` state)."""
     cfg = ckpt["model_config"]
-    if cfg.get("encoder") not in BACKBONES:
-        raise ValueError(f"{path}: encoder {cfg.get('encoder')!r} is not one of the registered "
-                         f"backbones ({', '.join(BACKBONES)})")
+    if not isinstance(cfg, dict) or cfg.get("encoder") not in BACKBONES:
+        found = cfg.get("encoder") if isinstance(cfg, dict) else cfg
+        raise ValueError(f"{path}: encoder {found!r} is not one of the registered backbones "
+                         f"({', '.join(BACKBONES)})")
+    for key, top in (("num_clusters", MAX_CLUSTERS), ("dim", 4096), ("pca_dim", 1 << 20)):
+        value = cfg.get(key)
+        if not (key == "pca_dim" and not value) and not (
+                type(value) is int and 1 <= value <= top):
+            raise ValueError(f"{path}: model_config {key} is {value!r}, not a whole number "
+                             f"in 1..{top}")
     model = EmbedNet(build_encoder(None, backbone=cfg["encoder"]),
                      NetVLAD(cfg["num_clusters"], cfg["dim"],
                              normalize_input=cfg["normalize_input"], bias=cfg["bias"]),
@@ -841,7 +875,14 @@ def checkpoint_config(ckpt, path, strict=True):
 
 
 def load_weights(model, ckpt, path):
-    """`model.load_state_dict(ckpt["model"])` with a clear error when they do not fit."""
+    """`model.load_state_dict(ckpt["model"])` with a clear error when they do not fit, or
+    when a weight is NaN or infinite (a diverged run: its recall would be 0 without a word)."""
+    state = ckpt["model"] if isinstance(ckpt.get("model"), dict) else {}
+    bad = [k for k, v in state.items()
+           if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{path}: the weights {', '.join(bad[:3])} hold NaN or infinite "
+                         "values (the run diverged, or the file is damaged)")
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, KeyError, TypeError) as err:

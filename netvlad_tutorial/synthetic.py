@@ -17,6 +17,7 @@ The files match the real dataset, so the same loaders serve both:
 Train, val and test lie in different neighbourhoods, more than a kilometre apart.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -29,8 +30,16 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from .data import QUERIES_DIR, SPLITS, DbStruct, save_db_struct, struct_path
-from .utils import DATA_ENV, REPO_ROOT, atomic_json, atomic_write, default_data_root, fault_point
+from .data import QUERIES_DIR, SPLITS, DbStruct, parse_db_struct, save_db_struct, struct_path
+from .utils import (
+    DATA_ENV,
+    REPO_ROOT,
+    atomic_json,
+    atomic_write,
+    default_data_root,
+    fault_point,
+    folder_lock,
+)
 
 DATASET_NAME = "synthetic"
 ORIGIN = (585_000.0, 4_477_000.0)  # UTM zone 17T (easting, northing), as in Pittsburgh
@@ -561,7 +570,10 @@ def make_synthetic_city(root, preset="tiny", seed=0, image_size=None):
     Deterministic: the same arguments give byte-identical images and the same `.mat` contents.
     The city is generated into a temporary folder next to `root` and swapped in at the end, so
     a kill leaves the old city (or nothing), never a mix. `root` must be absent, an empty
-    folder, or one of our cities: any other folder is refused, never written into.
+    folder, or one of our cities holding only the files it wrote (`city_files`): any other
+    folder is refused, never written into, and the old city's files are deleted one by one
+    by name. Writers of one `root` are serialized by `ROOT/../.ROOTNAME.lock` (`folder_lock`,
+    the `filelock` library): a second one is refused while the first runs.
 
     Args:
         preset: "tiny" or "small" (see `PRESETS`).
@@ -569,7 +581,8 @@ def make_synthetic_city(root, preset="tiny", seed=0, image_size=None):
         image_size: (H, W) to override the preset's, e.g. (480, 640) like Pittsburgh.
 
     Raises:
-        FileExistsError: `root` holds files that are not a synthetic city.
+        FileExistsError: `root` holds files that are not a synthetic city's.
+        FolderInUseError: another process is writing `root`.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -577,24 +590,41 @@ def make_synthetic_city(root, preset="tiny", seed=0, image_size=None):
     image_size = tuple(image_size or config.image_size)
     root = Path(root)
     _check_replaceable(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(root)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.", suffix=".partial"))
-    try:
-        _write_city(tmp, config, preset, seed, image_size)
-        fault_point("synthetic:written")
-        old = None
-        if root.exists():  # an empty folder or our own city: move it aside, then swap
-            old = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.",
-                                        suffix=".partial"))
-            os.replace(root, old / root.name)
-        os.replace(tmp, root)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    with folder_lock(root.parent / f".{root.name}.lock", root, "make-synthetic"):
+        old_files = _check_replaceable(root)  # again: another writer may have just finished
+        _remove_leftovers(root)
+        tmp = _partial_folder(root)
+        try:
+            _write_city(tmp, config, preset, seed, image_size)
+            fault_point("synthetic:written")
+            old = None
+            if root.exists():  # an empty folder or our own city: move it aside, then swap
+                old = _partial_folder(root)
+                os.replace(root, old / root.name)
+            (tmp / PARTIAL_MARK).unlink()
+            os.replace(tmp, root)
+            if old is not None:
+                _remove_named(old / root.name, old_files)
+                if (old / root.name).exists():  # files added while the city was generated
+                    (old / PARTIAL_MARK).unlink()  # kept for good, not a leftover
+                    print(f"Kept {old / root.name}: it holds files that make-synthetic did "
+                          "not write")
+                else:
+                    _remove_named(old, [PARTIAL_MARK])
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
     return root
+
+
+PARTIAL_MARK = ".netvlad_partial"  # in each temporary folder: `_remove_leftovers` may delete it
+
+
+def _partial_folder(root):
+    """A new temporary folder `.ROOTNAME.XXXX.partial` beside `root`, marked as ours."""
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.", suffix=".partial"))
+    (tmp / PARTIAL_MARK).touch()
+    return tmp
 
 
 def _is_city(root):
@@ -602,22 +632,68 @@ def _is_city(root):
     return (root / STAMP_NAME).is_file() or struct_path(root, DATASET_NAME, "train").is_file()
 
 
+def city_files(root):
+    """The files a synthetic city at `root` consists of, relative to it: its stamp, its `.mat`
+    files and every image they name. These alone are ever deleted when it is replaced."""
+    root = Path(root)
+    files = {STAMP_NAME}
+    for split in SPLITS:
+        mat = struct_path(root, DATASET_NAME, split)
+        if not mat.is_file():
+            continue
+        db = parse_db_struct(mat)
+        files |= {mat.relative_to(root).as_posix(), *db.dbImage,
+                  *(f"{QUERIES_DIR}/{name}" for name in db.qImage)}
+    return files
+
+
 def _check_replaceable(root):
-    """Raise unless `root` is absent, an empty folder, or a synthetic city."""
+    """Raise unless `root` is absent, an empty folder, or a synthetic city holding nothing else;
+    return the files of the city (relative paths) to delete when it is replaced."""
     if not root.exists():
-        return
+        return []
     if not root.is_dir():
         raise FileExistsError(f"{root} is a file, not a folder; choose another --out")
-    if any(root.iterdir()) and not _is_city(root):
+    if not any(root.iterdir()):
+        return []
+    if not _is_city(root):
         raise FileExistsError(f"{root} is not empty and is not a synthetic city (no "
                               f"{STAMP_NAME}): refusing to write into it; choose an empty or "
                               "new folder")
+    try:
+        ours = city_files(root)
+    except ValueError as err:
+        raise FileExistsError(f"{root} holds a damaged synthetic city ({err}): refusing to "
+                              "replace it; delete it yourself or choose another --out") from err
+    found = [p for p in root.rglob("*") if not p.is_dir() or p.is_symlink()]
+    foreign = sorted(p for p in found if p.relative_to(root).as_posix() not in ours
+                     or not p.is_file() or p.is_symlink())
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise FileExistsError(f"{root} is a synthetic city, but also holds {foreign[0]}{more}, "
+                              "which make-synthetic did not write: refusing to replace it; "
+                              "move those files out or choose another --out")
+    return sorted(p.relative_to(root).as_posix() for p in found)
+
+
+def _remove_named(folder, names):
+    """Delete the files `names` (relative) in `folder`, then the folders left empty."""
+    for name in names:
+        (folder / name).unlink(missing_ok=True)
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir() and not p.is_symlink()),
+                      key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            sub.rmdir()
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 def _remove_leftovers(root):
-    """Delete the temporary folders `.ROOTNAME.*.partial` that a killed generation left."""
+    """Delete the temporary folders `.ROOTNAME.*.partial` that a killed generation left
+    (those marked `PARTIAL_MARK`: a folder of that name made by someone else is kept)."""
     for leftover in root.parent.glob(f".{root.name}.*.partial"):
-        shutil.rmtree(leftover, ignore_errors=True)
+        if (leftover / PARTIAL_MARK).is_file() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _write_city(root, config, preset, seed, image_size):

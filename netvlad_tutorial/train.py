@@ -57,6 +57,7 @@ from .utils import (
     check_device,
     display_path,
     fault_point,
+    folder_lock,
     progress_hidden,
     remove_temporary_files,
     resolve_device,
@@ -308,12 +309,34 @@ def _check_run_config(run_dir, config, train_split=None):
                             "new `run_dir`, or `overwrite=True` to replace it", **RUN_ARGUMENTS)
     data_file = run_dir / "data.json"
     if train_split is not None and data_file.exists():
-        saved = _read_json(data_file).get("train_fingerprint")
+        saved = _read_json(data_file)
+        saved = saved.get("train_fingerprint") if isinstance(saved, dict) else None
         if saved != data_fingerprint(train_split):
             raise ArgumentError(f"{run_dir} holds a run trained on other data than "
-                                f"{train_split.root} (was the city regenerated?); give its "
-                                "data, a new `run_dir`, or `overwrite=True` to replace it",
-                                **RUN_ARGUMENTS)
+                                f"{train_split.root}: images were added, removed or changed (by "
+                                "size or modification time), or the run is from an older "
+                                "version; give its data, a new `run_dir`, or `overwrite=True` to "
+                                "replace it", **RUN_ARGUMENTS)
+
+
+RESUME_KEYS = {"optimizer": dict, "scheduler": dict, "epoch": int, "neg_cache": dict,
+               "rng": dict, "history": list, "best_score": (int, float), "best_epoch": int}
+
+
+def _check_resumable(latest, path):
+    """Raise unless checkpoint `latest` holds everything `resume_from` reads, of its type."""
+    for key, kind in RESUME_KEYS.items():
+        if not isinstance(latest.get(key), kind):
+            found = "nothing" if key not in latest else type(latest[key]).__name__
+            raise ArgumentError(f"{path} cannot be resumed: its {key!r} is {found}, not "
+                                f"{getattr(kind, '__name__', 'a number')} (damaged, or not "
+                                "written by `train`); give a new `run_dir`, or "
+                                "`overwrite=True` to start again", **RUN_ARGUMENTS)
+    missing = {"numpy", "torch", "python"} - latest["rng"].keys()
+    if missing:
+        raise ArgumentError(f"{path} cannot be resumed: its random number state lacks "
+                            f"{', '.join(sorted(missing))}; give a new `run_dir`, or "
+                            "`overwrite=True`", **RUN_ARGUMENTS)
 
 
 def _check_run_dir(run_dir, resume, overwrite):
@@ -340,9 +363,10 @@ def _clean_run_dir(run_dir, found, overwrite):
     if overwrite:
         for name in found:
             (run_dir / name).unlink()
-        for path in run_dir.glob("*.pca*.pth"):  # PCA files of the replaced checkpoints
+        for path in [*run_dir.glob("best.pca*.pth"), *run_dir.glob("latest.pca*.pth")]:
+            # the PCA files of the replaced checkpoints (`evaluate --save-pca`), none other
             path.unlink()
-    for path in remove_temporary_files(run_dir):
+    for path in remove_temporary_files(run_dir, RUN_FILES):
         print(f"Removed {display_path(path)}, left by an interrupted write")
 
 
@@ -421,6 +445,7 @@ def prepare_run(config, run_dir, resume, overwrite):
         _check_run_config(run_dir, config, train_split)
         latest = load_checkpoint(run_dir / "latest.pth")
         checkpoint_config(latest, run_dir / "latest.pth", strict=True)
+        _check_resumable(latest, run_dir / "latest.pth")
     distributed.barrier()  # torchrun: every rank has checked the folder before rank 0 writes
     if distributed.is_main():
         _clean_run_dir(run_dir, found, overwrite)
@@ -495,7 +520,21 @@ def stops_early(record, epoch, config):
     return False
 
 
+def run_lock(run_dir):
+    """The lock file of a run folder, beside it: `RUNS/.NAME.lock` (`utils.folder_lock`)."""
+    run_dir = Path(run_dir).resolve()
+    return run_dir.parent / f".{run_dir.name}.lock"
+
+
 def train(config, run_dir, resume=False, stop_after=None, overwrite=False):
+    """`_train`, holding the run folder's lock (`run_lock`): a second `train` on `run_dir` is
+    refused (`utils.FolderInUseError`) while this one runs, so no folder mixes two runs."""
+    run_dir = Path(run_dir)
+    with folder_lock(run_lock(run_dir), run_dir, "train"):
+        return _train(config, run_dir, resume, stop_after, overwrite)
+
+
+def _train(config, run_dir, resume=False, stop_after=None, overwrite=False):
     """Train NetVLAD; checkpoints `latest.pth` and `best.pth` (by val R@5) in `run_dir`.
 
     Args:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_ENV = "NETVLAD_DATA_ROOT"
@@ -302,6 +303,17 @@ def is_main_process():
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def write_error(err, path):
+    """An OSError naming `path` for a failed write `err`, readable when the error has no errno
+    (`np.save` on a full disk) or is not an OSError at all (`torch.save`: a RuntimeError
+    "[enforce fail at inline_container.cc]" when the disk fills up or a size limit is hit)."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return type(err)(err.errno, f"cannot write {path}: {err.strerror}")
+    inner = str(err).strip() or type(err).__name__
+    return OSError(f"cannot write {path}: the write failed ({inner}): is the disk full, or a "
+                   "file size limit reached?")
+
+
 def atomic_write(path, data, sync=True):
     """Write `data` to `path` through a temporary file in the same folder, then rename.
 
@@ -316,7 +328,8 @@ def atomic_write(path, data, sync=True):
     Under `torch.distributed` only rank 0 writes (the others return `path` at once).
 
     Raises:
-        OSError (PermissionError, ENOSPC, ...): naming `path`; `path` is then unchanged.
+        OSError (PermissionError, ENOSPC, EFBIG, ...): naming `path` (`write_error`); `path` is
+            then unchanged.
     """
     path = Path(path)
     if not is_main_process():  # distributed: rank 0 alone writes files
@@ -325,7 +338,7 @@ def atomic_write(path, data, sync=True):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
     except OSError as err:
-        raise type(err)(err.errno, f"cannot write {path}: {err.strerror}") from err
+        raise write_error(err, path) from err
     try:
         with os.fdopen(fd, "wb") as f:
             # mkstemp makes the file private (0600): give it the mode the file has, or would get.
@@ -340,13 +353,51 @@ def atomic_write(path, data, sync=True):
                 os.fsync(f.fileno())
         fault_point(f"write:{path.name}")
         os.replace(tmp, path)
-    except OSError as err:
-        raise type(err)(err.errno, f"cannot write {path}: {err.strerror}") from err
+    except (OSError, RuntimeError) as err:  # torch.save on a full disk: RuntimeError
+        raise write_error(err, path) from err
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     fault_point(f"after:{path.name}")
     return path
+
+
+class FolderInUseError(OSError):
+    """Another process is writing the folder (`folder_lock`)."""
+
+
+@contextlib.contextmanager
+def folder_lock(lock_file, folder, command):
+    """Hold the lock `lock_file` (`filelock.FileLock`) while `command` writes `folder`.
+
+    A second writer is refused at once (`FolderInUseError`), not queued: two runs into one
+    folder would mix their files. The lock is the kernel's (`flock`), so a killed holder frees
+    it; the empty lock file stays (with the folder it alone was created for, if the command
+    wrote nothing else there: then it is removed). Under `torch.distributed` only rank 0, the
+    writer, locks.
+    """
+    if not is_main_process():
+        yield
+        return
+    lock_file = Path(lock_file)
+    made = not lock_file.parent.exists()
+    try:
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(lock_file, timeout=0)
+        lock.acquire()
+    except Timeout:
+        raise FolderInUseError(f"{folder} is being written by another process ({command} "
+                               f"holds {lock_file}); wait for it to finish, or choose another "
+                               "folder") from None
+    except OSError as err:
+        raise type(err)(err.errno, f"cannot write {lock_file}: {err.strerror or err}") from err
+    try:
+        yield
+    finally:
+        if made and [p.name for p in lock_file.parent.iterdir()] == [lock_file.name]:
+            lock_file.unlink()  # a refused first run leaves no folder behind
+            lock_file.parent.rmdir()
+        lock.release()
 
 
 def atomic_json(obj, path):
@@ -359,14 +410,20 @@ def atomic_save(obj, path):
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def remove_temporary_files(folder):
+def remove_temporary_files(folder, names=None):
     """Delete the `.NAME.XXXX.tmp` files that a killed `atomic_write` left in `folder`.
+
+    Args:
+        names: the file names whose temporary files to delete (e.g. a run's files); None: any
+            NAME. Another `.something.tmp` of the user's is then kept.
 
     Returns:
         the paths removed.
     """
     folder = Path(folder)
-    removed = sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
+    patterns = [".*.tmp"] if names is None else [f".{name}.*.tmp" for name in names]
+    removed = sorted({p for pattern in patterns for p in folder.glob(pattern)}
+                     if folder.is_dir() else [])
     for path in removed:
         path.unlink(missing_ok=True)
     return removed
@@ -382,9 +439,20 @@ def cache_dir():
     `~/.cache/netvlad_tutorial`.
     """
     if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "netvlad_tutorial"
+        return env_path(CACHE_ENV)
+    if os.environ.get("XDG_CACHE_HOME"):
+        return env_path("XDG_CACHE_HOME") / "netvlad_tutorial"
+    return Path.home() / ".cache" / "netvlad_tutorial"
+
+
+def env_path(name):
+    """The path in environment variable `name`, `~` expanded; a ValueError naming the variable
+    when it cannot be (`~nouser/x`: no such user)."""
+    value = os.environ[name]
+    try:
+        return Path(value).expanduser()
+    except RuntimeError as err:
+        raise ValueError(f"${name} is {value!r}: {err}; set it to an existing folder") from None
 
 
 def _numpy_safe_globals():
@@ -426,7 +494,7 @@ def load_torch_file(path, what="file", safe_globals=()):
 def default_data_root():
     """`$NETVLAD_DATA_ROOT` if set, else the tiny synthetic city in `data/synthetic_tiny`."""
     if os.environ.get(DATA_ENV):
-        return Path(os.environ[DATA_ENV]).expanduser()
+        return env_path(DATA_ENV)
     return REPO_ROOT / "data" / "synthetic_tiny"
 
 

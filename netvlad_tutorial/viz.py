@@ -29,6 +29,7 @@ from .data import (
     eval_positives,
     load_image,
     load_split,
+    to_rgb,
     train_positives,
 )
 from .evaluate import best_matches, pr_auc
@@ -63,7 +64,7 @@ def to_image(x):
             whose normalization is undone here.
     """
     if isinstance(x, Image.Image):
-        return np.asarray(x.convert("RGB"), dtype=np.float32) / 255
+        return np.asarray(to_rgb(x), dtype=np.float32) / 255
     if torch.is_tensor(x):
         if x.ndim != 3 or x.shape[0] != 3:
             raise ValueError(f"expected a normalized (3, H, W) image tensor, got {tuple(x.shape)}")
@@ -830,8 +831,7 @@ def show_city(root, split="train", num_places=3, max_views=6, max_queries=2, nam
         for ax in axes:
             ax.axis("off")
         for ax, (path, title) in zip(axes, panels):
-            with Image.open(path) as img:
-                ax.imshow(img.convert("RGB"))
+            ax.imshow(load_image(path))
             ax.set_title(title, fontsize=6)
     fig.suptitle(f"{db.dataset} {db.whichSet}: database views of a place, then its queries",
                  fontsize=9)

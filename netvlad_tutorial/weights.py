@@ -1,7 +1,7 @@
 """Released weights, downloaded only when asked: `python -m netvlad_tutorial weights ...`.
 
 Nothing here downloads at import. `download_weights(name)` fetches one registered file with
-`torch.hub.download_url_to_file` (progress bar, sha256 check) into the standard torch hub cache,
+`fetch_url` (progress bar, sha256 check, timeouts, a size cap) into the standard torch hub cache,
 `torch.hub.get_dir()/checkpoints` (`$TORCH_HOME/hub/checkpoints`, by default
 `~/.cache/torch/hub/checkpoints`), where `build_encoder(weights="imagenet")` and torchvision look.
 
@@ -15,15 +15,17 @@ base URL, `<base>/<file name>`: a local mirror, or the tests' server on 127.0.0.
 import hashlib
 import http.client
 import os
+import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from .config import ArgumentError
 from .model import IMAGENET_URL, detect_model_format, imagenet_weights_path
-from .utils import atomic_write, load_torch_file
+from .utils import atomic_write, folder_lock, load_torch_file, write_error
 
 WEIGHTS_URL_ENV = "NETVLAD_WEIGHTS_URL"
 
@@ -152,32 +154,117 @@ def _sidecar(path):
     return path.with_name(path.name + ".sha256")
 
 
+DOWNLOAD_TIMEOUT = 60  # seconds to connect, and between two reads of the body
+MAX_DOWNLOAD_BYTES = 1 << 30  # 1 GiB: a cap when the server does not say the size
+
+
+class _WriteFailed(Exception):
+    """A write to the download's file failed (`fetch_url` tells it from a network error)."""
+
+
+def fetch_url(url, dest, hash_prefix=None, progress=True, timeout=DOWNLOAD_TIMEOUT,
+              max_bytes=MAX_DOWNLOAD_BYTES):
+    """Download `url` into the new file `dest`; returns its sha256 hex digest.
+
+    Bounded: `timeout` seconds to connect and for each read (a server that never answers or
+    stalls mid-body raises), and at most `max_bytes` (and exactly the `Content-Length` the
+    server announces): an endless body is cut off.
+
+    Raises:
+        ValueError: the server failed, sent too much or too little, or the sha256 does not start
+            with `hash_prefix` ("invalid hash value").
+        OSError: writing `dest` failed (`utils.write_error`: a full disk, a size limit).
+    """
+    digest, received = hashlib.sha256(), 0
+    request = urllib.request.Request(url, headers={"User-Agent": "netvlad-tutorial"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response, \
+                open(dest, "xb") as f:
+            length = response.headers.get("Content-Length", "")
+            size = int(length) if length.isdigit() else None
+            if size is not None and max_bytes is not None and size > max_bytes:
+                raise ValueError(f"{url} announces {size:,} bytes, more than the {max_bytes:,} "
+                                 "expected")
+            cap = size if size is not None else max_bytes
+            with tqdm(total=size, unit="B", unit_scale=True, disable=not progress) as bar:
+                while block := response.read(1 << 16):
+                    received += len(block)
+                    if cap is not None and received > cap:
+                        raise ValueError(f"{url} sent more than the {cap:,} bytes expected; "
+                                         "stopped")
+                    try:
+                        f.write(block)
+                    except OSError as err:
+                        raise _WriteFailed(err) from err
+                    digest.update(block)
+                    bar.update(len(block))
+            try:
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as err:
+                raise _WriteFailed(err) from err
+    except _WriteFailed as err:
+        raise write_error(err.args[0], dest) from err
+    except (OSError, http.client.HTTPException) as err:  # refused, reset, timed out, 404
+        raise ValueError(f"download from {url} failed: {err or type(err).__name__}") from err
+    if size is not None and received != size:
+        raise ValueError(f"download from {url} was cut short: {received:,} of {size:,} bytes")
+    if hash_prefix and not digest.hexdigest().startswith(hash_prefix):
+        raise ValueError(f"invalid hash value: the sha256 of {url} is {digest.hexdigest()}, "
+                         f"not {hash_prefix}...")
+    return digest.hexdigest()
+
+
+def _expected_hash(entry, path):
+    """The published sha256 (prefix) of `entry`, else the one its sidecar recorded, else None."""
+    if entry.sha256 is not None or not _sidecar(path).is_file():
+        return entry.sha256
+    words = _sidecar(path).read_text(errors="replace").split()
+    if not words or not all(c in "0123456789abcdef" for c in words[0]) or len(words[0]) < 8:
+        raise ValueError(f"{_sidecar(path)} holds no sha256 (it is empty or damaged): delete "
+                         f"it and {path}, and download again")
+    return words[0]
+
+
+def _remove_partials(path):
+    """Delete the `.NAME.*.download` files that a killed download of `path` left."""
+    for left in path.parent.glob(f".{path.name}.*.download"):
+        left.unlink(missing_ok=True)
+        print(f"Removed {left}, left by an interrupted download")
+
+
 def download_weights(name, base_url=None, progress=True, allow_unverified=False, path=None,
-                     check=None):
+                     check=None, timeout=DOWNLOAD_TIMEOUT, max_bytes=MAX_DOWNLOAD_BYTES):
     """Download the weights `name` into the torch hub cache, unless already there.
 
     Args:
         name: a `REGISTRY` name, or a `Weights`.
         base_url: fetch `<base_url>/<file name>` instead (default: `$NETVLAD_WEIGHTS_URL`).
-        progress: show torch.hub's progress bar.
+        progress: show a progress bar.
         allow_unverified: accept a file without a published hash. Its sha256 is then printed
             and saved next to it (`<file>.sha256`), and a later call checks the file against it.
         path: where to keep the file (default: `weights_path(name)`, in the torch hub cache).
         check: `check(path)` raises ValueError unless the downloaded file is usable (default:
             `check_weights_file`, which reads it as weights; an archive needs its own).
+        timeout, max_bytes: the limits of `fetch_url`.
+
+    A file already there is checked: against its published hash or its sidecar, else (one
+    placed by hand, unverified) by reading it and, with `allow_unverified`, its hash is
+    recorded; otherwise it is refused. Downloads of one file are serialized
+    (`utils.folder_lock`), and the partial files of a killed download are removed.
 
     Returns:
         the file's path. A wrong hash, a truncated or unreadable file raises, leaving nothing.
     """
     entry = get_weights(name)
     path = weights_path(entry) if path is None else Path(path)
-    expected = entry.sha256
-    if expected is None and _sidecar(path).is_file():
-        expected = _sidecar(path).read_text().split()[0]
+    expected = _expected_hash(entry, path)
     if path.is_file():
         if expected is not None and not sha256_of(path).startswith(expected):
             raise ValueError(f"{path} is already there but its sha256 does not start with "
                              f"{expected}: delete it and download it again")
+        if expected is None:
+            _adopt_unverified(entry, path, allow_unverified, check)
         print(f"{entry.name}: already downloaded, {path}")
         print(f"  use: {entry.usage.replace('<path>', str(path))}")
         return path
@@ -186,28 +273,25 @@ def download_weights(name, base_url=None, progress=True, allow_unverified=False,
                             "checked against the authors'. Pass `allow_unverified=True` to "
                             "download it anyway: it is still read without running code and its "
                             "layout is checked", allow_unverified="`allow_unverified=True`")
-    path.parent.mkdir(parents=True, exist_ok=True)
     url = weights_url(entry, base_url)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.download")
-    print(f"{entry.name}: downloading {url}")
-    try:
+    with folder_lock(path.parent / f".{path.name}.lock", path, "weights download"):
+        _remove_partials(path)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.download")
+        print(f"{entry.name}: downloading {url}")
         try:
-            torch.hub.download_url_to_file(url, str(tmp), hash_prefix=expected,
-                                           progress=progress)
-        except RuntimeError as err:  # torch.hub's hash check
-            raise ValueError(f"{entry.name}: download from {url} refused: {err}") from err
-        except (OSError, http.client.HTTPException) as err:  # refused, reset, cut short
-            raise ValueError(f"{entry.name}: download from {url} failed: {err}") from err
-        try:
-            check(tmp) if check is not None else check_weights_file(entry, tmp)
-        except ValueError as err:
-            raise ValueError(f"{entry.name}: the file from {url} is truncated or not the "
-                             f"expected weights: {err}") from err
-        digest = sha256_of(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+            try:
+                digest = fetch_url(url, tmp, expected, progress, timeout, max_bytes)
+            except ValueError as err:
+                raise ValueError(f"{entry.name}: {err}") from err
+            try:
+                check(tmp) if check is not None else check_weights_file(entry, tmp)
+            except ValueError as err:
+                raise ValueError(f"{entry.name}: the file from {url} is truncated or not the "
+                                 f"expected weights: {err}") from err
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
     if entry.sha256 is None:
         atomic_write(_sidecar(path), f"{digest}  {path.name}\n")
         print(f"  unverified download (no published hash); sha256 {digest}, saved in "
@@ -215,6 +299,24 @@ def download_weights(name, base_url=None, progress=True, allow_unverified=False,
     print(f"{entry.name}: saved to {path}")
     print(f"  use: {entry.usage.replace('<path>', str(path))}")
     return path
+
+
+def _adopt_unverified(entry, path, allow_unverified, check=None):
+    """A file of `entry` placed by hand, with no hash to check it against: refused unless
+    `allow_unverified`, then read (its layout checked) and its sha256 recorded."""
+    if not allow_unverified:
+        raise ValueError(f"{path} is there, but {entry.name} has no published hash and no "
+                         f"{_sidecar(path).name} records its download, so it cannot be "
+                         "verified: delete it and download again, or pass --allow-unverified to "
+                         "check its layout and keep it")
+    try:
+        check(path) if check is not None else check_weights_file(entry, path)
+    except ValueError as err:
+        raise ValueError(f"{path} is there but is truncated or not the expected weights "
+                         f"({err}): delete it and download again") from err
+    digest = sha256_of(path)
+    atomic_write(_sidecar(path), f"{digest}  {path.name}\n")
+    print(f"  unverified file placed by hand; sha256 {digest}, saved in {_sidecar(path)}")
 
 
 def list_weights():

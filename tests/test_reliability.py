@@ -307,9 +307,10 @@ def test_a_regeneration_stopped_midway_keeps_the_old_city(tmp_path, monkeypatch)
     # A folder left by a real kill is removed by the next generation; seed 1 then replaces 0.
     monkeypatch.undo()
     (tmp_path / ".city.killed.partial").mkdir()
+    (tmp_path / ".city.killed.partial" / synthetic.PARTIAL_MARK).touch()
     make_synthetic_city(root, preset="micro", seed=1)
     assert synthetic.city_is_current(root, "micro", 1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["city"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".city.lock", "city"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 import contextlib
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -138,14 +139,16 @@ def test_centroid_cache_key_follows_the_data(micro_city, tmp_path):
 
 @contextlib.contextmanager
 def _changed_first_image(city, split):
-    """Temporarily replace the first database image by another one of the city."""
+    """Temporarily replace the first database image by another one of the city (its bytes
+    and modification time restored after: the data fingerprint reads both)."""
     first = city / split.db.dbImage[0]
-    original = first.read_bytes()
+    original, stat = first.read_bytes(), first.stat()
     first.write_bytes((city / split.db.dbImage[1]).read_bytes())
     try:
         yield
     finally:
         first.write_bytes(original)
+        os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
 def test_a_run_on_other_data_is_refused(micro_city, tmp_path):
