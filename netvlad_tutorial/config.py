@@ -5,7 +5,6 @@ The first module of the course: every later stage reads its settings from a `Tra
 
 import dataclasses
 import types
-import typing
 from dataclasses import dataclass
 
 from . import __version__
@@ -185,6 +184,8 @@ class TrainConfig:
             print(f"{message}; ignored")
             for key in unknown:
                 d.pop(key)
+        if isinstance(d.get("image_size"), list):  # JSON has no tuples
+            d["image_size"] = tuple(d["image_size"])
         for f in dataclasses.fields(cls):
             if f.name in d and not _has_type(d[f.name], f.type):
                 raise ValueError(f"{source}: setting {f.name} is {d[f.name]!r}, not of type "
@@ -198,26 +199,6 @@ class TrainConfig:
             return cls(**d)
         except ValueError as err:
             raise ValueError(f"{source}: {err}") from None
-
-
-def _has_type(value, annotation):
-    """Whether `value` read from a file fits a field annotated `annotation` (`int`, `float`,
-    `str | None`, ...): an int is a float, a list a tuple, a bool only a bool."""
-    allowed = typing.get_args(annotation) or (annotation,)
-    if value is None:
-        return type(None) in allowed
-    if isinstance(value, bool):
-        return bool in allowed
-    if isinstance(value, int) and float in allowed:
-        return True
-    if isinstance(value, list) and tuple in allowed:
-        return True
-    return isinstance(value, tuple(a for a in allowed if isinstance(a, type)))
-
-
-def _type_name(annotation):
-    return " or ".join(getattr(a, "__name__", str(a))
-                       for a in (typing.get_args(annotation) or (annotation,)))
 
 
 def _types(annotation):
