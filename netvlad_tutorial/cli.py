@@ -41,6 +41,19 @@ def _train(args):
     train(config, args.out, resume=args.resume, overwrite=args.overwrite)
 
 
+def _pretrain(args):
+    from .config import apply_settings
+    from .pretrain import PretrainConfig, pretrain
+
+    config = PretrainConfig(**{k: v for k, v in (("device", args.device),
+                                                  ("precision", args.precision)) if v})
+    config = apply_settings(config, args.set)
+    path = pretrain(config, args.out, resume=args.resume, overwrite=args.overwrite,
+                    max_minutes=args.max_minutes)
+    if path is not None:
+        print(f"Pretrained encoder: {path} (provenance: {path.parent / 'provenance.json'})")
+
+
 def _evaluate(args):
     from .evaluate import evaluate_checkpoint
 
@@ -56,6 +69,7 @@ def _evaluate(args):
         device=args.device,
         precision=args.precision,
         save_pca=args.save_pca,
+        per_query=args.per_query,
     )
     if args.json:
         print(json.dumps(result))
@@ -263,6 +277,20 @@ def build_parser():
                         "(repeatable; applied after the other flags)")
     p.set_defaults(func=_train)
 
+    p = sub.add_parser("pretrain", help="pretrain the encoder on the synthetic world (the "
+                       "course's stand-in for ImageNet)")
+    p.add_argument("--out", type=Path, default=Path("runs") / "pretrain",
+                   help="run folder (default: runs/pretrain)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop at a checkpoint after this long (continue with --resume)")
+    p.add_argument("--device", default=None)
+    _add_precision(p)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any setting of PretrainConfig, e.g. --set steps=500 (repeatable)")
+    p.set_defaults(func=_pretrain)
+
     p = sub.add_parser("evaluate", help="Recall@N of a checkpoint (or the untrained model)")
     p.add_argument("--data-root", type=Path, required=True)
     p.add_argument("--name", default=None)
@@ -277,6 +305,9 @@ def build_parser():
     p.add_argument("--save-pca", action="store_true",
                    help="store a fitted PCA beside the checkpoint (CHECKPOINT.pcaDIM.pth); "
                         "the checkpoint itself is never written")
+    p.add_argument("--per-query", type=Path, default=None, metavar="FILE",
+                   help="write a CSV, one row per query: query,first_correct_rank,top (for a "
+                        "paired test of two models: evaluate.paired_from_csv)")
     p.add_argument("--device", default=None)
     _add_precision(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -339,7 +370,8 @@ FLAGS = {"resume": "--resume", "overwrite": "--overwrite", "out": "--out",
          "pca": "--pca", "pca_dim": "--pca-dim", "save_pca": "--save-pca",
          "epochs": "--epochs", "seed": "--seed", "num_workers": "--num-workers",
          "device": "--device", "negative_pool": "--negative-pool", "precision": "--precision",
-         "allow_unverified": "--allow-unverified"}
+         "allow_unverified": "--allow-unverified", "per_query": "--per-query",
+         "max_minutes": "--max-minutes"}
 
 
 def main(argv=None):

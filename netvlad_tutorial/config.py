@@ -129,26 +129,9 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def with_settings(self, settings):
-        """A copy with `settings`, strings "KEY=VALUE" (the command line's `--set`), applied.
-
-        Each value is read as its field's type: `none` for an optional field, true/false for
-        a flag, `96,128` for `image_size`. An unknown key or a bad value is an `ArgumentError`
-        naming it.
-        """
-        fields = {f.name: f.type for f in dataclasses.fields(self)}
-        changes = {}
-        for item in settings:
-            key, sep, text = item.partition("=")
-            key = key.strip().replace("-", "_")
-            if not sep or key not in fields:
-                raise ArgumentError(f"`{item}` is not KEY=VALUE with KEY a setting: "
-                                    f"{', '.join(fields)}", set=f"`{item}`")
-            try:
-                changes[key] = _parse(text.strip(), fields[key])
-            except ValueError:
-                raise ArgumentError(f"`{item}`: {key} must be {_type_name(fields[key])}, not "
-                                    f"{text!r}", set=f"`{item}`") from None
-        return self.replace(**changes)
+        """A copy with `settings`, strings "KEY=VALUE" (the command line's `--set`), applied
+        (`apply_settings`)."""
+        return apply_settings(self, settings)
 
     @classmethod
     def from_dict(cls, d, source="the configuration", strict=True, version=None):
@@ -199,6 +182,38 @@ class TrainConfig:
             return cls(**d)
         except ValueError as err:
             raise ValueError(f"{source}: {err}") from None
+
+
+def apply_settings(config, settings):
+    """A copy of the dataclass `config` with `settings`, strings "KEY=VALUE", applied.
+
+    Each value is read as its field's type: `none` for an optional field, true/false for a
+    flag, `96,128` for a size (`setting_text` writes them so). An unknown key or a bad value
+    is an `ArgumentError` naming it.
+    """
+    fields = {f.name: f.type for f in dataclasses.fields(config)}
+    changes = {}
+    for item in settings:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in fields:
+            raise ArgumentError(f"`{item}` is not KEY=VALUE with KEY a setting: "
+                                f"{', '.join(fields)}", set=f"`{item}`")
+        try:
+            changes[key] = _parse(text.strip(), fields[key])
+        except ValueError:
+            raise ArgumentError(f"`{item}`: {key} must be {_type_name(fields[key])}, not "
+                                f"{text!r}", set=f"`{item}`") from None
+    return dataclasses.replace(config, **changes)
+
+
+def setting_text(value):
+    """`value` as `apply_settings` reads it back: `none`, `true`, `96,128`, `0.02`."""
+    if value is None or isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return ",".join(map(str, value))
+    return str(value)
 
 
 def _types(annotation):

@@ -4,6 +4,7 @@ Reads top to bottom: exact nearest-neighbour search -> Recall@N -> panoramas (To
 the descriptors of a split and its recall -> evaluating a checkpoint, with PCA whitening.
 """
 
+import csv
 import hashlib
 import os
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from .model import (
 from .run_model import ImageSource, RunModel, as_run
 from .utils import (
     atomic_save,
+    atomic_write,
     display_path,
     get_device,
     load_torch_file,
@@ -313,17 +315,73 @@ def split_descriptors(model, split, config, device, features=None,
 
 
 def evaluate_split(model, split, config, device, n_values=RECALL_VALUES, features=None,
-                   stored=True, key=None):
+                   stored=True, key=None, per_query=None):
     """Recall@N on a split (evaluation positives: within posDistThr, 25 m); arguments as
-    `split_descriptors`."""
+    `split_descriptors`, and `per_query`: a CSV file to write (`write_per_query`)."""
     db_desc, q_desc = split_descriptors(model, split, config, device, features, stored=stored,
                                         label=f"Evaluating ({split.db.whichSet})", key=key)
-    return recall_at_n(q_desc, db_desc, eval_positives(split.db), n_values=n_values)
+    positives = eval_positives(split.db)
+    _, predictions = topk_search(q_desc, db_desc, max(n_values))  # (numQ, max N)
+    if per_query is not None:
+        write_per_query(per_query, split.db, predictions, positives)
+    return recall_from_predictions(predictions, positives, n_values)
+
+
+PER_QUERY_HEADER = ("query", "first_correct_rank", "top")
+
+
+def write_per_query(path, db, predictions, positives):
+    """A CSV with one row per query: `query,first_correct_rank,top`.
+
+    `query` is the image name as the `.mat` has it; `first_correct_rank` the 1-based rank of the
+    first database image within the positive radius, empty if none is among the `top`; `top`
+    the predicted database names, nearest first, joined by ";".
+    """
+    ranks = first_hit_rank(predictions, positives)  # (numQ,), 0-based or inf
+    rows = [",".join(PER_QUERY_HEADER)]
+    for name, rank, pred in zip(db.qImage, ranks, np.asarray(predictions), strict=True):
+        top = ";".join(db.dbImage[i] for i in pred if i >= 0)
+        rows.append(f"{_csv_field(name)},{'' if np.isinf(rank) else int(rank) + 1},"
+                    f"{_csv_field(top)}")
+    atomic_write(Path(path), "\n".join(rows) + "\n")
+
+
+def _csv_field(text):
+    """`text` quoted as CSV needs it (names with commas or quotes)."""
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
+
+
+def read_per_query(path):
+    """The rows of a `write_per_query` file: (query names, first correct ranks (inf: none))."""
+    path = Path(path)
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from err
+    if not rows or tuple(rows[0]) != PER_QUERY_HEADER or any(len(r) != 3 for r in rows[1:]):
+        raise ValueError(f"{path} is not a per-query file of `evaluate --per-query` (header "
+                         f"{','.join(PER_QUERY_HEADER)}, three fields a row)")
+    try:
+        ranks = np.array([int(r[1]) if r[1] else np.inf for r in rows[1:]], dtype=float)
+    except ValueError as err:
+        raise ValueError(f"{path}: a first_correct_rank is not a whole number ({err})") from err
+    return [r[0] for r in rows[1:]], ranks
+
+
+def paired_from_csv(before, after, n):
+    """`PairedOutcomes` at Recall@`n` of two `evaluate --per-query` files of the same queries:
+    McNemar's test of two models (`.p_value`)."""
+    (names_a, ranks_a), (names_b, ranks_b) = read_per_query(before), read_per_query(after)
+    if names_a != names_b:
+        raise ValueError(f"{before} and {after} do not list the same queries in the same order: "
+                         "evaluate both models on the same split")
+    return PairedOutcomes(n, ranks_a <= n, ranks_b <= n)
 
 
 def evaluate_checkpoint(data_root, split="test", checkpoint=None, untrained=False,
                         preset=None, pca=False, pca_dim=None, name=None, device=None,
-                        precision=None, save_pca=False):
+                        precision=None, save_pca=False, per_query=None):
     """Recall@N of a trained checkpoint, or of the untrained model (`untrained=True`).
 
     The untrained model is built exactly as training starts (`preset`, default "tiny"): the same
@@ -332,6 +390,7 @@ def evaluate_checkpoint(data_root, split="test", checkpoint=None, untrained=Fals
     whitening is taken from the checkpoint or the file beside it (`pca_path`) when it has one of
     that size, else fitted on up to 10,000 training-database descriptors. The checkpoint is
     never written; `save_pca` stores a fitted layer in `pca_path(checkpoint, dim)`.
+    `per_query` names a CSV to write, one row per query (`write_per_query`).
 
     Returns:
         dict with `recall@N` for N in `RECALL_VALUES`, plus `split`, `dim` and `num_queries`.
@@ -359,7 +418,7 @@ def evaluate_checkpoint(data_root, split="test", checkpoint=None, untrained=Fals
         contents = load_torch_file(checkpoint, "checkpoint") if checkpoint.is_file() else None
         if released_format(contents):
             return _evaluate_released(checkpoint, contents, data_root, split, name, device,
-                                      precision, pca, pca_dim)
+                                      precision, pca, pca_dim, per_query)
         ckpt = load_checkpoint(checkpoint, contents=contents)
         _check_best_is_current(checkpoint, ckpt)
         config = checkpoint_config(ckpt, checkpoint, strict=False)
@@ -381,7 +440,7 @@ def evaluate_checkpoint(data_root, split="test", checkpoint=None, untrained=Fals
     if pca:
         model.pca = load_or_fit_pca(model, config, train_split, device, pca_dim, checkpoint,
                                     save=save_pca, ckpt=ckpt)
-    recalls = evaluate_split(run, eval_split, config, device)
+    recalls = evaluate_split(run, eval_split, config, device, per_query=per_query)
     result = {f"recall@{n}": float(r) for n, r in recalls.items()}
     result.update(split=split, dim=int(model.out_dim), num_queries=int(eval_split.db.numQ),
                   model="untrained" if untrained and checkpoint is None else str(checkpoint))
@@ -422,7 +481,7 @@ def released_format(contents):
 
 
 def _evaluate_released(checkpoint, contents, data_root, split, name, device, precision, pca,
-                       pca_dim):
+                       pca_dim, per_query=None):
     """`evaluate_checkpoint` for Patch-NetVLAD and Nanne files (`model.load_model`): their
     input rule (Patch-NetVLAD resizes to 480x640), the reference settings otherwise."""
     config = PRESETS["pitts30k"].replace(data_root=str(data_root), weights=None, dataset=name,
@@ -441,7 +500,8 @@ def _evaluate_released(checkpoint, contents, data_root, split, name, device, pre
                                 f"{info['pca_dim']}-D): evaluate it without `pca=True`",
                                 **EVALUATE_ARGUMENTS)
         model.pca = load_or_fit_pca(model, config, None, device, pca_dim)
-    recalls = evaluate_split(model, eval_split, config, device, stored=False)
+    recalls = evaluate_split(model, eval_split, config, device, stored=False,
+                             per_query=per_query)
     result = {f"recall@{n}": float(r) for n, r in recalls.items()}
     result.update(split=split, dim=int(model.out_dim), num_queries=int(eval_split.db.numQ),
                   model=str(checkpoint), format=info["format"])

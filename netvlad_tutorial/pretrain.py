@@ -28,6 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import __version__
+from .config import ArgumentError, setting_text
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .model import vgg16_features
 from .utils import (
@@ -70,10 +71,13 @@ class PretrainConfig:
         for name in ("steps", "batch_size", "streets_per_chunk", "chunk_steps", "save_every",
                      "log_every"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive whole number, not {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ArgumentError(f"`{name}` must be a positive whole number, not {value!r}",
+                                    **{name: f"`{name}`"})
         if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, not {self.lr!r}")
+            raise ArgumentError(f"`lr` must be a positive number, not {self.lr!r}", lr="`lr`")
+        if isinstance(self.image_size, list):
+            object.__setattr__(self, "image_size", tuple(self.image_size))
 
 
 RESUMABLE = ("device", "precision")  # may change when a run is resumed: not part of the recipe
@@ -326,9 +330,9 @@ def export_encoder(net, out, config, seconds, device):
     final = log[-1] if log else {}
     provenance = {
         "file": ENCODER_FILE, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-        "command": "python -m netvlad_tutorial pretrain " + " ".join(
-            f"--set {k}={json.dumps(v)}" for k, v in recipe(config).items()
-            if v != recipe(PretrainConfig())[k]),
+        "command": " ".join(["python -m netvlad_tutorial pretrain"] + [
+            f"--set {k}={setting_text(v)}" for k, v in recipe(config).items()
+            if v != recipe(PretrainConfig())[k]]),
         "recipe": recipe(config), "commit": _git_commit(), "version": __version__,
         "hardware": cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(device),
         "device": device.type, "seconds": round(seconds), "final": final,

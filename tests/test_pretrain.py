@@ -9,6 +9,8 @@ import torchvision
 from torch import nn
 
 from netvlad_tutorial import synthetic, world
+from netvlad_tutorial.cli import main as cli_main
+from netvlad_tutorial.config import apply_settings, setting_text
 from netvlad_tutorial.model import build_encoder
 from netvlad_tutorial.pretrain import (
     ENCODER_FILE,
@@ -116,8 +118,23 @@ def test_schedule_warms_up_then_decays_to_zero():
 
 
 def test_pretraining_resumes_to_the_same_weights_and_exports_plain_vgg16(tmp_path):
+    """An interrupted run resumes to the uninterrupted one's weights; the command line runs
+    it and records a command that, read back with `apply_settings`, is the recipe it ran."""
     config = PretrainConfig(**MICRO)
-    whole = pretrain(config, tmp_path / "whole")
+    settings = [f"{k}={setting_text(v)}" for k, v in MICRO.items()
+                if k not in ("precision", "device")]
+    argv = ["pretrain", "--out", str(tmp_path / "whole"), "--fp32", "--device", "cpu"]
+    cli_main(argv + [a for s in settings for a in ("--set", s)])
+    whole = tmp_path / "whole" / ENCODER_FILE
+    prov = json.loads((tmp_path / "whole" / "provenance.json").read_text())
+    words = prov["command"].split()
+    assert words[:4] == ["python", "-m", "netvlad_tutorial", "pretrain"]
+    assert words[4::2] == ["--set"] * len(words[5::2])
+    assert recipe(apply_settings(PretrainConfig(), words[5::2])) == prov["recipe"]
+    assert prov["recipe"] == recipe(config) and len(prov["sha256"]) == 64
+    with pytest.raises(SystemExit) as exit_info:  # a bad setting is exit 2, naming it
+        cli_main(argv + ["--overwrite", "--set", "steps=0"])
+    assert exit_info.value.code == 2
     assert pretrain(config, tmp_path / "parts", max_steps=1) is None  # interrupted after step 1
     assert pretrain(config, tmp_path / "parts", max_steps=3, resume=True) is None
     parts = pretrain(config, tmp_path / "parts", resume=True)
@@ -128,8 +145,6 @@ def test_pretraining_resumes_to_the_same_weights_and_exports_plain_vgg16(tmp_pat
     assert log == [json.loads(line) | {"seconds": row["seconds"]} for line, row in zip(
         (tmp_path / "whole" / "log.jsonl").read_text().splitlines(), log, strict=True)]
     assert [row["step"] for row in log] == [2, 4]
-    prov = json.loads((tmp_path / "whole" / "provenance.json").read_text())
-    assert prov["recipe"] == recipe(config) and len(prov["sha256"]) == 64
     encoder = build_encoder(tmp_path / "whole" / ENCODER_FILE)
     assert encoder.weights_source.endswith(ENCODER_FILE)
 
@@ -141,3 +156,4 @@ def test_pretraining_refuses_a_folder_with_another_run_or_recipe(tmp_path):
         pretrain(config, tmp_path)
     with pytest.raises(ValueError, match="another recipe.*lr"):
         pretrain(config.__class__(**{**MICRO, "lr": 0.5}), tmp_path, resume=True)
+
