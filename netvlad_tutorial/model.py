@@ -148,7 +148,8 @@ def register_backbone(backbone):
 def get_backbone(name):
     """The registered `Backbone` called `name`, with a clear error for an unknown one."""
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; registered: {', '.join(BACKBONES)}")
+        raise ArgumentError(f"unknown backbone {name!r} (the `backbone` setting); registered: "
+                            f"{', '.join(BACKBONES)}", backbone="`backbone`")
     return BACKBONES[name]
 
 

@@ -201,7 +201,8 @@ def accuracy(net, config, streets, device, precision):
 def _check_folder(out, config, resume, overwrite):
     """Apply the run-folder rules; returns the checkpoint to resume from, or None."""
     if resume and overwrite:
-        raise ValueError("give either resume or overwrite, not both")
+        raise ArgumentError("give either `resume=True` or `overwrite=True`, not both",
+                            resume="`resume=True`", overwrite="`overwrite=True`")
     latest, config_file = out / "latest.pth", out / "config.json"
     found = [p.name for p in (latest, config_file, out / "log.jsonl", out / ENCODER_FILE)
              if p.exists()]

@@ -46,24 +46,33 @@ def resolve_device(config):
     return check_device(config.device) if config.device else get_device()
 
 
+# How the errors below name the setting: true for a caller of the library and of the command
+# line (`utils` comes before `config`, so it cannot raise `config.ArgumentError`).
+DEVICE_SETTING = "the `device` setting, --device"
+PRECISION_SETTING = "the `precision` setting, --precision"
+
+
 def check_device(name):
     """`torch.device(name)` if this machine has it; a clear ValueError otherwise."""
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError) as err:
-        raise ValueError(f"unknown device {name!r} (use cpu, cuda, cuda:N or mps)") from err
+        raise ValueError(f"unknown device {name!r} ({DEVICE_SETTING}): use cpu, cuda, cuda:N "
+                         "or mps") from err
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise ValueError(f"device {name!r}: no CUDA GPU is available here; use --device "
-                             "cpu")
+            raise ValueError(f"device {name!r} ({DEVICE_SETTING}): no CUDA GPU is available "
+                             "here; use cpu")
         if device.index is not None and device.index >= count:
-            raise ValueError(f"device {name!r}: this machine has {count} CUDA GPU(s), "
-                             f"cuda:0 to cuda:{count - 1}")
+            raise ValueError(f"device {name!r} ({DEVICE_SETTING}): this machine has {count} "
+                             f"CUDA GPU(s), cuda:0 to cuda:{count - 1}")
     elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name!r}: MPS is not available here; use --device cpu")
+        raise ValueError(f"device {name!r} ({DEVICE_SETTING}): MPS is not available here; "
+                         "use cpu")
     elif device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device {name!r} is not supported (use cpu, cuda, cuda:N or mps)")
+        raise ValueError(f"device {name!r} ({DEVICE_SETTING}) is not supported: use cpu, cuda, "
+                         "cuda:N or mps")
     return device
 
 
@@ -230,14 +239,15 @@ def resolve_precision(requested="auto", device="cpu", verbose=True):
     else:
         source = None
     if requested not in PRECISIONS:
-        raise ValueError(f"unknown precision {requested!r} (from {source or 'the setting'}); "
+        raise ValueError(f"unknown precision {requested!r} (from {source or PRECISION_SETTING}); "
                          f"choose one of {', '.join(PRECISIONS)}")
     if requested == "auto":
         name, reason = auto_precision(device)
     elif requested == "bf16":
         native, why = native_bf16(device)
         if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"bf16 autocast is not available on {device.type}; use fp32")
+            raise ValueError(f"bf16 autocast ({source or PRECISION_SETTING}) is not available "
+                             f"on {device.type}; use fp32")
         name = "bf16"
         reason = f"forced by {source or 'the setting'}" + (
             "" if native else f"; {why}, so bf16 is emulated and slower than fp32")

@@ -97,7 +97,7 @@ def get_weights(name):
     if isinstance(name, Weights):
         return name
     if name not in REGISTRY:
-        raise ValueError(f"unknown weights {name!r}; choose one of {', '.join(REGISTRY)}")
+        raise ValueError(f"unknown weights name {name!r}; choose one of {', '.join(REGISTRY)}")
     return REGISTRY[name]
 
 
