@@ -251,8 +251,8 @@ def pretrain(config, out, resume=False, overwrite=False, max_minutes=None, max_s
         the path of the exported encoder, or None if the run stopped before its last step.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt = _check_folder(out, config, resume, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
     for path in remove_temporary_files(out):
         print(f"Removed {display_path(path)}, left by an interrupted write")
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
