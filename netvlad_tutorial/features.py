@@ -10,6 +10,7 @@ Two caches live here:
 
 import copy
 import hashlib
+import os
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from .utils import (
     leave_progress,
     progress_hidden,
     resolve_precision,
+    write_error,
 )
 
 DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
@@ -58,10 +60,22 @@ def as_precision(precision, device):
 
 
 def _new_array(shape, dtype, out_path):
-    """Zeros of `shape` in RAM, or a disk-backed `.npy` file at `out_path`."""
+    """Zeros of `shape` in RAM, or a disk-backed `.npy` file at `out_path`.
+
+    The file's blocks are allocated first (`os.posix_fallocate`, where the system has it): a
+    full disk or a file size limit is then an OSError naming the file here, not a SIGBUS
+    that kills the process when a page of the memory map is first written.
+    """
     if out_path is None:
         return np.zeros(shape, dtype)
-    return np.lib.format.open_memmap(out_path, mode="w+", dtype=dtype, shape=shape)
+    try:
+        array = np.lib.format.open_memmap(out_path, mode="w+", dtype=dtype, shape=shape)
+        if hasattr(os, "posix_fallocate") and array.nbytes:
+            with open(out_path, "r+b") as f:
+                os.posix_fallocate(f.fileno(), array.offset, array.nbytes)
+    except OSError as err:
+        raise write_error(err, out_path) from err
+    return array
 
 
 def run_inference(model, dataset, batch_size=24, num_workers=0, device=None, precision=None,

@@ -815,3 +815,36 @@ def test_a_file_added_while_a_city_is_generated_is_kept(city, monkeypatch):
     kept = list(city.parent.glob(".city.*.partial/city/000/added_meanwhile.txt"))
     assert len(kept) == 1 and kept[0].read_bytes() == b"mine"
     assert city_is_current(city, "micro", 2)
+
+
+
+_MEMMAP_CHILD = (
+    "import numpy as np, sys\n"
+    "from netvlad_tutorial.features import _new_array\n"
+    "try:\n"
+    "    array = _new_array((4096, 1024), np.float16, sys.argv[1])\n"
+    "    array[:] = 1\n"  # every page written: on a full disk without the blocks, SIGBUS
+    "    array.flush()\n"
+    "except OSError as err:\n"
+    "    print('error:', err); sys.exit(2)\n")
+
+
+@pytest.mark.parametrize("fault", ["file size limit", "full tmpfs"])
+def test_a_disk_backed_cache_on_a_full_disk_is_a_message_not_a_crash(tmp_path, fault):
+    """A disk-backed cache (`cache_storage="disk"`, 8 MiB here) is a memory map: on a full
+    disk, writing a page whose block could not be allocated kills the process with SIGBUS.
+    Its blocks are allocated first, so both faults are an OSError naming the file."""
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    command = [sys.executable, "-c", _MEMMAP_CHILD, str(folder / "descriptor_cache.npy")]
+    if fault == "full tmpfs":
+        if not _can_mount_tmpfs(folder):
+            pytest.skip("cannot mount a tmpfs here (no unshare, or user namespaces are not "
+                        "allowed)")
+        command = ["unshare", "-rm", "sh", "-c", f'mount -t tmpfs -o size=1m tmpfs "{folder}" '
+                   '&& exec "$@"', "sh", *command]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                          preexec_fn=_fsize_limit(1 << 20) if fault == "file size limit"
+                          else None)
+    assert done.returncode == 2, (done.returncode, done.stdout + done.stderr)
+    assert f"cannot write {folder / 'descriptor_cache.npy'}" in done.stdout
