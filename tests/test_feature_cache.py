@@ -88,17 +88,26 @@ def test_triplets_of_features_hold_each_image_features(frozen):
         TripletDataset(*args, features=feats[:5])
 
 
+def _train_plain_and_cached(config, tmp_path):
+    """Train `config` with and without its descriptor source's cache; check that both mined
+    the same tuples, lost the same (within 1e-3) and validated alike; return both final state
+    dicts."""
+    plain = tr.train(config.replace(feature_cache=False), tmp_path / "plain")
+    cached = tr.train(config, tmp_path / "cached")
+    assert [r["tuples"] for r in plain] == [r["tuples"] for r in cached]
+    np.testing.assert_allclose([r["loss"] for r in cached], [r["loss"] for r in plain],
+                               rtol=1e-3)
+    assert [r["recall@5"] for r in plain] == pytest.approx([r["recall@5"] for r in cached],
+                                                            abs=0.1)
+    return tuple(load_torch_file(tmp_path / name / "latest.pth")["model"]
+                 for name in ("plain", "cached"))
+
+
 def test_cached_training_equals_the_plain_path(micro_city, tmp_path):
     """Losses and final NetVLAD weights of two epochs, encoder on every image vs once."""
     config = _frozen_config(micro_city)
-    plain = tr.train(config.replace(feature_cache=False), tmp_path / "plain")
-    cached = tr.train(config, tmp_path / "cached")
-    a = load_torch_file(tmp_path / "plain" / "latest.pth")["model"]
-    b = load_torch_file(tmp_path / "cached" / "latest.pth")["model"]
-    assert [r["tuples"] for r in plain] == [r["tuples"] for r in cached]
+    a, b = _train_plain_and_cached(config, tmp_path)
     # float16 features: same mined tuples, losses within 1e-3 relative, weights within 1e-3
-    np.testing.assert_allclose([r["loss"] for r in cached], [r["loss"] for r in plain],
-                               rtol=1e-3)
     for key in ("pool.centroids", "pool.conv.weight"):
         torch.testing.assert_close(b[key], a[key], atol=1e-3, rtol=1e-3, msg=key)
     init = make_model(config, load_split(micro_city, "train"), torch.device("cpu"))
@@ -107,8 +116,6 @@ def test_cached_training_equals_the_plain_path(micro_city, tmp_path):
     for key in a:
         if key.startswith("encoder."):
             assert torch.equal(a[key], b[key]), key  # the encoder never trains
-    assert [r["recall@5"] for r in plain] == pytest.approx([r["recall@5"] for r in cached],
-                                                            abs=0.1)
 
 
 def test_prefix_map_training_equals_the_plain_path(micro_city, tmp_path):
@@ -131,13 +138,7 @@ def test_prefix_map_training_equals_the_plain_path(micro_city, tmp_path):
     # Training: the same tuples and losses; the updates agree up to the float16 maps. Rounding
     # the maps changes one step's conv5_1 gradient by ~4 % (NetVLAD's sharp soft-assignment,
     # alpha = 100, amplifies it on the way back), conv5_3's and NetVLAD's far less.
-    plain = tr.train(config.replace(feature_cache=False), tmp_path / "plain")
-    cached = tr.train(config, tmp_path / "cached")
-    a = load_torch_file(tmp_path / "plain" / "latest.pth")["model"]
-    b = load_torch_file(tmp_path / "cached" / "latest.pth")["model"]
-    assert [r["tuples"] for r in plain] == [r["tuples"] for r in cached]
-    np.testing.assert_allclose([r["loss"] for r in cached], [r["loss"] for r in plain],
-                               rtol=1e-3)
+    a, b = _train_plain_and_cached(config, tmp_path)
     init = make_model(config, split, torch.device("cpu")).state_dict()
     for key, tolerance in (("encoder.24.weight", 0.1), ("encoder.26.weight", 0.1),
                            ("encoder.28.weight", 0.02), ("pool.centroids", 0.02),
