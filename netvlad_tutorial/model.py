@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import math
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -159,12 +160,40 @@ VGG16 = register_backbone(Backbone("vgg16_conv5", lambda: vgg16_features()[:-2],
                                    imagenet_path=imagenet_weights_path, label="VGG16"))
 
 
+SHIPPED_DIR = Path(__file__).resolve().parent / "pretrained"
+SHIPPED = {"world": "vgg16_world.pth"}  # encoder weights shipped in the package (`pretrain`)
+
+
+def shipped_weights(name="world"):
+    """(path, provenance) of encoder weights shipped in the package, their sha256 checked.
+
+    The provenance (`<file>.json`, written by `pretrain.export_encoder`) records the command,
+    the commit, the hardware and the time that made the file.
+    """
+    path = SHIPPED_DIR / SHIPPED[name]
+    record = path.with_suffix(".json")
+    if not path.is_file() or not record.is_file():
+        raise FileNotFoundError(
+            f"the pretrained encoder {name!r} is not in this copy of the package (expected "
+            f"{display_path(path)} and {record.name}): make one with `python -m "
+            "netvlad_tutorial pretrain` and give its vgg16_world.pth as the weights file")
+    provenance = json.loads(record.read_text())
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != provenance.get("sha256"):
+        raise ValueError(f"{path}: its sha256 {digest[:12]}... is not the {record.name} record "
+                         f"{str(provenance.get('sha256'))[:12]}...: the file is damaged; "
+                         "reinstall the package")
+    return path, provenance
+
+
 def build_encoder(weights=None, trainable=None, backbone="vgg16_conv5"):
     """The encoder of `backbone` (default: VGG16 up to conv5_3, 512 channels at stride 16).
 
     Args:
         weights: None (random), "imagenet" (torchvision's file, used only if it is already on
-            this machine: nothing is downloaded) or the path of a local state dict.
+            this machine: nothing is downloaded), "world" (the encoder pretrained on the
+            synthetic world, shipped in the package: `shipped_weights`) or the path of a local
+            state dict.
         trainable: "all" (every layer trains), "conv5" (only the backbone's last block,
             conv5_1..conv5_3 for VGG16, as the reference) or "netvlad" (no encoder layer: a
             frozen encoder). None: "conv5" with loaded weights, "all" with random ones.
@@ -190,6 +219,10 @@ def build_encoder(weights=None, trainable=None, backbone="vgg16_conv5"):
                           f"{display_path(path)} (`python -m netvlad_tutorial weights download "
                           "imagenet` puts them there); continuing with random initialization",
                           stacklevel=2)
+    elif weights in SHIPPED:
+        path, _ = shipped_weights(weights)
+        spec.load(encoder, path)
+        source = weights
     elif weights is not None:
         path = Path(weights)
         if not path.is_file():
@@ -604,10 +637,32 @@ def centroids_path(config, split):
            config.kmeans_iters, config.seed, data_fingerprint(split)]
     if config.backbone != VGG16.name:  # VGG16's key is unchanged since before the registry
         key.append(config.backbone)
+    label, contents = _weights_label(config.weights)
+    if contents is not None:  # a weights file: its contents are part of the key
+        key.append(contents)
     digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:10]
     backbone = "vgg16" if config.backbone == VGG16.name else config.backbone
-    name = f"centroids_{backbone}_{config.weights or 'random'}_{split.db.dataset}"
+    name = f"centroids_{backbone}_{label}_{split.db.dataset}"
     return cache_dir() / f"{name}_K{config.num_clusters}_{digest}.pt"
+
+
+def _weights_label(weights):
+    """(a file-name-safe label of `weights`, a key of its file's contents or None).
+
+    "imagenet" and None (random) keep their names; the shipped encoder is keyed by its sha256;
+    a weights file by its stem (never its folders: a name cannot leave the cache folder) and its
+    resolved path, size and modification time.
+    """
+    if weights in (None, "imagenet"):
+        return weights or "random", None
+    if weights in SHIPPED:
+        return weights, shipped_weights(weights)[1]["sha256"]
+    path = Path(weights)
+    label = re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem)[:40] or "weights"
+    if not path.is_file():
+        return label, [str(path)]
+    stat = path.stat()
+    return label, [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
 def make_model(config, train_split, device, init="kmeans", precision=None):

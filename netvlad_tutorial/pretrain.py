@@ -10,6 +10,9 @@ The run folder follows the rules of `train`: a folder holding a run is refused u
 so a kill loses at most those steps; batch `s` is a pure function of the seed and `s`, so a
 resumed run trains on the same batches as an uninterrupted one. On a CPU, `max_minutes` stops
 it at a checkpoint, to continue in chunks.
+
+The package ships the final encoder as `pretrained/vgg16_world.pth` with the run's
+`provenance.json` beside it as `vgg16_world.json` (`model.shipped_weights`, `weights="world"`).
 """
 
 import dataclasses

@@ -24,7 +24,13 @@ import torch
 from tqdm import tqdm
 
 from .config import ArgumentError
-from .model import IMAGENET_URL, detect_model_format, imagenet_weights_path
+from .model import (
+    IMAGENET_URL,
+    SHIPPED,
+    detect_model_format,
+    imagenet_weights_path,
+    shipped_weights,
+)
 from .utils import atomic_write, folder_lock, load_torch_file, write_error
 
 WEIGHTS_URL_ENV = "NETVLAD_WEIGHTS_URL"
@@ -328,4 +334,16 @@ def list_weights():
         check = f"sha256 {entry.sha256}..." if entry.sha256 else "no published hash"
         lines.append(f"{entry.name:<22} {here:<15} {check:<20} {entry.description}\n"
                      f"{'':<22} file: {path}\n{'':<22} url:  {entry.url}")
+    for name in SHIPPED:  # made by `pretrain` and shipped in the package: nothing to download
+        try:
+            path, prov = shipped_weights(name)
+        except (FileNotFoundError, ValueError) as err:
+            lines.append(f"{name:<22} {'not shipped':<15} {'':<20} {err}")
+            continue
+        lines.append(f"{name:<22} {'shipped':<15} {'sha256 ' + prov['sha256'][:8] + '...':<20} "
+                     f"VGG16 pretrained on the synthetic world (the course's ImageNet)\n"
+                     f"{'':<22} file: {path}\n"
+                     f"{'':<22} made by: {prov.get('command')} at commit {prov.get('commit')}, "
+                     f"on {prov.get('hardware')} ({prov.get('device')}), "
+                     f"{prov.get('seconds', 0) / 3600:.1f} h")
     return "\n".join(lines)
