@@ -1,7 +1,11 @@
-"""Independent computations the tests compare the package against: plain loops in float64.
+"""Independent computations the tests compare the package against (plain loops in float64),
+and a local file server on 127.0.0.1 for the download tests.
 
 Imported by the tests as `from oracles import ...` (pytest puts `tests/` on `sys.path`).
 """
+
+import http.server
+import threading
 
 import numpy as np
 
@@ -52,3 +56,43 @@ def brute_force_mine(q_row, db_desc, positives, candidates, n_neg_dist, n_neg, m
     nearest = sorted(set(candidates.tolist()), key=lambda j: dist[j])[:n_neg_dist]
     violating = [j for j in nearest if dist[j] < dist[positive] + margin ** 0.5]
     return positive, violating[:n_neg]
+
+
+class FileServer:
+    """`http.server` in a thread on 127.0.0.1, a free port, serving `files` {name: bytes};
+    `mode` chooses what a GET returns: "good", "corrupt" (one byte flipped) or "truncate"."""
+
+    def __init__(self, files):
+        self.files, self.mode, self.requests = files, "good", []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.requests.append(self.path)
+                data = server.files.get(self.path.lstrip("/"))
+                if data is None:
+                    self.send_error(404)
+                    return
+                if server.mode == "corrupt":
+                    data = data[:100] + bytes([data[100] ^ 0xFF]) + data[101:]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if server.mode == "truncate":  # the connection closes half-way
+                    self.wfile.write(data[:len(data) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

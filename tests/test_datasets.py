@@ -1,13 +1,12 @@
 """GardensPoint Walking, opt in: download, check and unpack, served from 127.0.0.1 only."""
 
 import hashlib
-import http.server
 import io
-import threading
 import zipfile
 
 import numpy as np
 import pytest
+from oracles import FileServer
 from PIL import Image
 from scipy.signal import convolve2d
 
@@ -45,41 +44,9 @@ def archive_bytes(num_db=NUM_FRAMES, num_q=NUM_FRAMES, top="GardensPoint_Walking
     return buf.getvalue()
 
 
-class Server:
-    """`http.server` in a thread on a free port, serving `files` {name: bytes}."""
-
-    def __init__(self, files):
-        self.files, self.requests = files, []
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                server.requests.append(self.path)
-                data = server.files.get(self.path.lstrip("/"))
-                if data is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                         daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def server():
-    s = Server({"GardensPoint_Walking.zip": archive_bytes()})
+    s = FileServer({"GardensPoint_Walking.zip": archive_bytes()})
     yield s
     s.close()
 
@@ -128,7 +95,7 @@ def test_a_later_download_must_match_the_first_hash(server, tmp_path):
 @pytest.mark.parametrize("data, message", [(b"<html>moved</html>", "not a readable zip"),
                                            (archive_bytes(num_q=3), "same number")])
 def test_a_wrong_archive_leaves_nothing(tmp_path, data, message):
-    s = Server({"GardensPoint_Walking.zip": data})
+    s = FileServer({"GardensPoint_Walking.zip": data})
     try:
         with pytest.raises(ValueError, match=message):
             download_gardens_point(tmp_path / "gp", base_url=s.url, progress=False)
@@ -164,7 +131,7 @@ def test_frame_ground_truth_is_the_tutorials_box_filter():
 
 
 def test_cli_error_is_one_line(tmp_path, capsys):
-    s = Server({})  # 404 for every file
+    s = FileServer({})  # 404 for every file
     try:
         with pytest.raises(SystemExit) as exit_info:
             main(["datasets", "download", "gardens-point", "--out", str(tmp_path / "gp"),

@@ -1,53 +1,13 @@
 """Opt-in downloads (`netvlad_tutorial.weights`), served from 127.0.0.1 only."""
 
 import hashlib
-import http.server
-import threading
 
 import pytest
 import torch
+from oracles import FileServer
 
 from netvlad_tutorial import weights
 from netvlad_tutorial.weights import REGISTRY, Weights, download_weights
-
-
-class _Server:
-    """`http.server` in a thread on a free port; `mode` chooses what a GET returns."""
-
-    def __init__(self, files):
-        self.files, self.mode, self.requests = files, "good", []
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                server.requests.append(self.path)
-                data = server.files.get(self.path.lstrip("/"))
-                if data is None:
-                    self.send_error(404)
-                    return
-                if server.mode == "corrupt":
-                    data = data[:100] + bytes([data[100] ^ 0xFF]) + data[101:]
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if server.mode == "truncate":  # the connection closes half-way
-                    self.wfile.write(data[:len(data) // 2])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def _file_bytes(obj, tmp_path, name):
@@ -66,7 +26,7 @@ def served(tmp_path, monkeypatch):
     nanne = _file_bytes({"epoch": 1, "state_dict": {
         "encoder.0.weight": torch.randn(64, 3, 3, 3), "pool.centroids": torch.rand(4, 512),
         "pool.conv.weight": torch.randn(4, 512, 1, 1)}}, src, "nanne.pth.tar")
-    server = _Server({"enc.pth": encoder, "nanne.pth.tar": nanne})
+    server = FileServer({"enc.pth": encoder, "nanne.pth.tar": nanne})
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.setenv(weights.WEIGHTS_URL_ENV, server.url)
     entries = {
