@@ -5,9 +5,13 @@ Imported by the tests as `from oracles import ...` (pytest puts `tests/` on `sys
 """
 
 import http.server
+import re
 import threading
 
 import numpy as np
+import pytest
+
+from netvlad_tutorial.cli import main as cli_main
 
 
 def brute_positives(db, radius, different_time=False):
@@ -96,3 +100,14 @@ class FileServer:
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def cli_error(capsys, argv):
+    """Run the CLI, expect exit 2 with one `error: ` line, and return that message."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([str(a) for a in argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(re.findall("^error: ", err, flags=re.M)) == 1, err
+    return err[err.index("\nerror: ") + 1 if "\nerror: " in err else 0:].strip()

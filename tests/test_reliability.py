@@ -6,7 +6,6 @@ import errno
 import json
 import multiprocessing
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -16,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from oracles import cli_error
 from PIL import Image
 from scipy.io import savemat
 from test_train import _micro_config  # tests/ is on sys.path under pytest
 
 from netvlad_tutorial import synthetic, utils
 from netvlad_tutorial import train as tr
-from netvlad_tutorial.cli import main as cli_main
 from netvlad_tutorial.config import PRESETS, TrainConfig
 from netvlad_tutorial.data import (
     DataLayoutError,
@@ -163,17 +162,6 @@ def _copy_city(micro_city, tmp_path):
     return Path(shutil.copytree(micro_city, tmp_path / "city"))
 
 
-def _cli_error(capsys, argv):
-    """Run the CLI, expect exit 2, and return the error message (one line)."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main([str(a) for a in argv])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert len(re.findall("^error: ", err, flags=re.M)) == 1, err
-    return err[err.index("\nerror: ") + 1 if "\nerror: " in err else 0:].strip()
-
-
 def _snapshot(folder):
     return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
 
@@ -282,7 +270,7 @@ def test_make_synthetic_refuses_a_folder_with_other_files(tmp_path, capsys):
     mine = tmp_path / "photos" / "000" / "000000_pitch1_yaw1.jpg"
     mine.parent.mkdir(parents=True)
     mine.write_bytes(b"my holiday photo")
-    err = _cli_error(capsys, ["make-synthetic", "--out", tmp_path / "photos"])
+    err = cli_error(capsys, ["make-synthetic", "--out", tmp_path / "photos"])
     assert "photos" in err and "not a synthetic city" in err
     assert mine.read_bytes() == b"my holiday photo"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # nothing left beside it
@@ -321,7 +309,7 @@ def test_a_regeneration_stopped_midway_keeps_the_old_city(tmp_path, monkeypatch)
 def test_train_refuses_a_folder_holding_a_run(fast_run, tmp_path, capsys):
     run_dir = _copy_run(fast_run, tmp_path)
     before = _snapshot(run_dir)
-    err = _cli_error(capsys, ["train", "--data-root", "unused", "--out", run_dir])
+    err = cli_error(capsys, ["train", "--data-root", "unused", "--out", run_dir])
     assert "--resume" in err and "--out" in err and "--overwrite" in err
     config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     with pytest.raises(ValueError, match="already holds a run"):
@@ -428,13 +416,13 @@ def test_a_train_split_without_positives_is_an_error(micro_city, tmp_path, capsy
     train_mat = struct_path(city, "synthetic", "train")
     save_db_struct(parse_db_struct(train_mat)._replace(nonTrivPosDistSqThr=1e-6), train_mat,
                    float_counts=True)
-    err = _cli_error(capsys, ["train", "--data-root", city, "--out", tmp_path / "run"])
+    err = cli_error(capsys, ["train", "--data-root", city, "--out", tmp_path / "run"])
     assert "no query with a training positive" in err
     assert not (tmp_path / "run").exists()
 
 
 def test_zero_epochs_is_an_error(micro_city, tmp_path, capsys):
-    err = _cli_error(capsys, ["train", "--data-root", micro_city, "--out", tmp_path / "run",
+    err = cli_error(capsys, ["train", "--data-root", micro_city, "--out", tmp_path / "run",
                               "--epochs", "0"])
     assert "--epochs" in err and not (tmp_path / "run").exists()
 
@@ -444,7 +432,7 @@ def test_a_split_without_database_images_is_an_error(micro_city, tmp_path, capsy
     test_mat = struct_path(city, "synthetic", "test")
     db = parse_db_struct(test_mat)
     save_db_struct(db._replace(dbImage=[], utmDb=np.zeros((0, 2)), numDb=0), test_mat)
-    err = _cli_error(capsys, ["evaluate", "--data-root", city, "--untrained", "--fp32"])
+    err = cli_error(capsys, ["evaluate", "--data-root", city, "--untrained", "--fp32"])
     assert "synthetic_test.mat" in err and "0 database images" in err
 
 
@@ -469,7 +457,7 @@ def _flat_folder(micro_city, tmp_path):
 def test_a_flat_folder_is_refused_for_training_and_evaluated_as_named(micro_city, fast_run,
                                                                        tmp_path, capsys):
     root, split = _flat_folder(micro_city, tmp_path)
-    err = _cli_error(capsys, ["train", "--data-root", root, "--out", tmp_path / "run"])
+    err = cli_error(capsys, ["train", "--data-root", root, "--out", tmp_path / "run"])
     assert "flat VPR folder" in err and "test images" in err
     assert not (tmp_path / "run").exists()
     result = evaluate_checkpoint(root, split="test", checkpoint=fast_run / "best.pth",
@@ -503,7 +491,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(fast_run, micro_city, tmp_p
     torch.save(ckpt, tmp_path / "evil.pth")
     with pytest.raises(ValueError, match="refused"):
         load_checkpoint(tmp_path / "evil.pth")
-    err = _cli_error(capsys, _evaluate_argv(micro_city, tmp_path / "evil.pth"))
+    err = cli_error(capsys, _evaluate_argv(micro_city, tmp_path / "evil.pth"))
     assert "evil.pth" in err and "refused" in err
     # The same as a run's latest.pth, for --resume.
     run_dir = _copy_run(fast_run, tmp_path)
@@ -537,7 +525,7 @@ def _damaged(kind, good, path):
 @pytest.mark.parametrize("kind", ["empty", "truncated", "random bytes", "text", "zip"])
 def test_a_damaged_checkpoint_is_one_clear_error(kind, fast_run, micro_city, tmp_path, capsys):
     path = _damaged(kind, fast_run / "best.pth", tmp_path / "damaged.pth")
-    err = _cli_error(capsys, _evaluate_argv(micro_city, path))
+    err = cli_error(capsys, _evaluate_argv(micro_city, path))
     assert "damaged.pth" in err and "\n" not in err
 
 
@@ -568,7 +556,7 @@ def test_a_config_from_another_version(fast_run, micro_city, tmp_path, capsys):
     # Weights that do not fit: one clear line, naming the file and the version.
     ckpt["model"] = {k: v[:1] for k, v in ckpt["model"].items()}
     torch.save(ckpt, tmp_path / "other.pth")
-    err = _cli_error(capsys, _evaluate_argv(micro_city, tmp_path / "other.pth"))
+    err = cli_error(capsys, _evaluate_argv(micro_city, tmp_path / "other.pth"))
     assert "other.pth" in err and "9.0.0" in err and "\n" not in err
 
 
@@ -622,7 +610,7 @@ def test_a_read_only_out_is_found_before_kmeans(micro_city, tmp_path, capsys, mo
 
     monkeypatch.setattr(utils.tempfile, "mkstemp", refuse)
     monkeypatch.setattr(tr, "make_model", kmeans)
-    err = _cli_error(capsys, ["train", "--data-root", micro_city, "--out", out])
+    err = cli_error(capsys, ["train", "--data-root", micro_city, "--out", out])
     assert "readonly" in err and "Permission denied" in err
 
 
@@ -633,7 +621,7 @@ def test_an_unavailable_device_is_a_clear_error(device, message, micro_city, tmp
         pytest.skip("this machine has the GPUs")
     if device == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    err = _cli_error(capsys, ["train", "--data-root", micro_city, "--out", tmp_path / "run",
+    err = cli_error(capsys, ["train", "--data-root", micro_city, "--out", tmp_path / "run",
                               "--device", device])
     assert message in err and device in err
 
@@ -646,7 +634,7 @@ def test_an_image_of_another_size_is_a_clear_error(fast_run, micro_city, tmp_pat
     ckpt = load_torch_file(fast_run / "best.pth")
     ckpt["config"]["image_size"] = None  # a preset that keeps the files' size
     torch.save(ckpt, tmp_path / "native.pth")
-    err = _cli_error(capsys, _evaluate_argv(city, tmp_path / "native.pth"))
+    err = cli_error(capsys, _evaluate_argv(city, tmp_path / "native.pth"))
     assert odd.name in err and "60x40" in err and "48x32" in err
 
 
@@ -659,15 +647,15 @@ def test_an_image_of_another_size_is_a_clear_error(fast_run, micro_city, tmp_pat
 ])
 def test_conflicting_and_out_of_range_evaluate_flags(argv, message, fast_run, micro_city,
                                                      capsys):
-    err = _cli_error(capsys, _evaluate_argv(micro_city, fast_run / "best.pth", *argv))
+    err = cli_error(capsys, _evaluate_argv(micro_city, fast_run / "best.pth", *argv))
     assert message in err
 
 
 def test_struct_with_split_is_an_error(micro_city, capsys):
-    err = _cli_error(capsys, ["check-data", "--root", micro_city, "--struct",
+    err = cli_error(capsys, ["check-data", "--root", micro_city, "--struct",
                               "synthetic_val.mat", "--split", "test"])
     assert "--struct" in err and "--split" in err
-    err = _cli_error(capsys, ["check-data", "--root", micro_city, "--split", "test",
+    err = cli_error(capsys, ["check-data", "--root", micro_city, "--split", "test",
                               "--queries-dir", "elsewhere"])
     assert "--queries-dir is only used with --struct" in err
 

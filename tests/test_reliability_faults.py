@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from oracles import cli_error
 from PIL import Image
 from scipy.io import loadmat, savemat
 from test_train import _micro_config  # tests/ is on sys.path under pytest
@@ -49,17 +50,6 @@ from netvlad_tutorial.utils import cache_dir, default_data_root, load_torch_file
 from netvlad_tutorial.viz import to_image
 
 
-def _cli_error(capsys, argv):
-    """Run the CLI, expect exit 2 with one `error: ` line; return that message."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main([str(a) for a in argv])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert len(re.findall("^error: ", err, flags=re.M)) == 1, err
-    return err[err.index("error: "):].strip()
-
-
 def _files(folder):
     return {p.relative_to(folder).as_posix(): p.read_bytes()
             for p in sorted(Path(folder).rglob("*")) if p.is_file()}
@@ -82,7 +72,7 @@ def test_make_synthetic_refuses_a_city_holding_other_files(city, name, capsys):
     (city / name).parent.mkdir(parents=True, exist_ok=True)
     (city / name).write_bytes(b"the user's own file")
     before = _files(city)
-    err = _cli_error(capsys, ["make-synthetic", "--out", city, "--preset", "micro"])
+    err = cli_error(capsys, ["make-synthetic", "--out", city, "--preset", "micro"])
     assert name.split("/")[-1] in err and "did not write" in err
     assert _files(city) == before
 
@@ -133,7 +123,7 @@ def test_a_second_make_synthetic_on_one_folder_is_refused(city, capsys):
     before = _files(city)
     holder = _LockHolder(city.parent / ".city.lock")
     try:
-        err = _cli_error(capsys, ["make-synthetic", "--out", city, "--preset", "micro",
+        err = cli_error(capsys, ["make-synthetic", "--out", city, "--preset", "micro",
                                   "--seed", "3"])
     finally:
         holder.release()
@@ -149,7 +139,7 @@ def test_a_second_train_on_one_run_folder_is_refused(micro_city, tmp_path, capsy
     (run_dir / "config.json").write_text('{"seed": 1}')  # the first run's, being written
     holder = _LockHolder(tmp_path / ".run.lock")
     try:
-        err = _cli_error(capsys, ["train", "--data-root", micro_city, "--out", run_dir,
+        err = cli_error(capsys, ["train", "--data-root", micro_city, "--out", run_dir,
                                   "--overwrite", "--seed", "2"])
     finally:
         holder.release()
@@ -190,7 +180,7 @@ def _with_db_names(city, split, change):
 def test_a_mat_name_that_leaves_the_root_is_refused(city, bad, message, capsys):
     (city.parent / "outside.jpg").write_bytes(b"not part of the dataset")
     _with_db_names(city, "test", lambda names: [bad, *names[1:]])
-    err = _cli_error(capsys, ["check-data", "--root", city, "--split", "test"])
+    err = cli_error(capsys, ["check-data", "--root", city, "--split", "test"])
     assert "synthetic_test.mat" in err and "dbImageFns[0]" in err and message in err
     with pytest.raises(DataLayoutError, match=re.escape("dbImageFns[0]")):
         load_split(city, "test")
@@ -200,7 +190,7 @@ def test_numbers_where_mat_names_belong_are_a_clear_error(city, capsys):
     path = struct_path(city, "synthetic", "test")
     db = parse_db_struct(path)
     save_db_struct(db._replace(qImage=list(range(db.numQ))), path)
-    err = _cli_error(capsys, ["evaluate", "--data-root", city, "--untrained", "--preset",
+    err = cli_error(capsys, ["evaluate", "--data-root", city, "--untrained", "--preset",
                               "tiny", "--fp32"])
     assert "synthetic_test.mat" in err and "qImageFns[0]" in err
 
@@ -232,7 +222,7 @@ def test_an_image_that_is_not_a_file_in_the_root_is_named(city, kind, message, c
                                                           no_hang):
     name = parse_db_struct(struct_path(city, "synthetic", "test")).dbImage[0]
     path = _image_problem(city, kind, name)
-    err = _cli_error(capsys, ["check-data", "--root", city, "--split", "test"])
+    err = cli_error(capsys, ["check-data", "--root", city, "--split", "test"])
     assert str(path) in err and message in err
     split = load_split(city, "test")
     with pytest.raises(DataLayoutError, match=message):
@@ -252,7 +242,7 @@ def test_a_query_must_lie_in_the_query_folder(city, capsys):
     query = city / QUERIES_DIR / split.db.qImage[0]
     query.unlink()
     query.symlink_to(city / split.db.dbImage[0])
-    err = _cli_error(capsys, ["check-data", "--root", city, "--split", "test"])
+    err = cli_error(capsys, ["check-data", "--root", city, "--split", "test"])
     assert str(query) in err and "leads outside" in err
 
 
@@ -265,7 +255,7 @@ def test_a_vpr_folder_image_linking_outside_is_refused(micro_city, tmp_path, cap
         shutil.copy(image, folder / "database" / f"@0@{i}@.jpg")
     shutil.copy(images[5], folder / "queries" / "@0@1@.jpg")
     (folder / "database" / "@0@9@.jpg").symlink_to(images[6])  # outside tmp_path/vpr
-    err = _cli_error(capsys, ["check-data", "--root", tmp_path / "vpr", "--split", "test"])
+    err = cli_error(capsys, ["check-data", "--root", tmp_path / "vpr", "--split", "test"])
     assert "@0@9@.jpg" in err and "leads outside" in err
 
 
@@ -317,7 +307,7 @@ def test_a_decompression_bomb_is_a_clear_error(city, capsys):
     _bomb_png(path)
     with pytest.raises(DataLayoutError, match="cannot be read"):
         load_image(path)
-    err = _cli_error(capsys, ["check-data", "--root", city, "--split", "test"])
+    err = cli_error(capsys, ["check-data", "--root", city, "--split", "test"])
     assert str(path) in err and "decompression bomb" in err.lower()
 
 
@@ -415,7 +405,7 @@ def test_evaluate_refuses_a_nan_checkpoint(own_run, tmp_path, capsys):
     best = load_torch_file(run_dir / "best.pth")
     best["model"]["pool.centroids"] = best["model"]["pool.centroids"] * float("inf")
     torch.save(best, tmp_path / "best.pth")
-    err = _cli_error(capsys, ["evaluate", "--data-root", city, "--checkpoint",
+    err = cli_error(capsys, ["evaluate", "--data-root", city, "--checkpoint",
                               tmp_path / "best.pth", "--fp32"])
     assert "best.pth" in err and "pool.centroids" in err and "NaN or infinite" in err
 
@@ -458,7 +448,7 @@ def test_a_checkpoint_with_wrong_types_or_sizes_is_a_message(own_run, tmp_path, 
                                                             change, message):
     city, run_dir, _ = own_run
     path = _damaged_checkpoint(run_dir, tmp_path, change)
-    err = _cli_error(capsys, ["evaluate", "--data-root", city, "--checkpoint", path, "--fp32"])
+    err = cli_error(capsys, ["evaluate", "--data-root", city, "--checkpoint", path, "--fp32"])
     assert str(path) in err and message in err
 
 
@@ -495,7 +485,7 @@ def test_a_cache_folder_of_an_unknown_user_is_a_message(monkeypatch, capsys):
 def test_run_notebooks_on_a_file_that_is_not_a_notebook(tmp_path, capsys, text):
     path = tmp_path / "x.ipynb"
     path.write_text(text)
-    err = _cli_error(capsys, ["run-notebooks", path])
+    err = cli_error(capsys, ["run-notebooks", path])
     assert str(path) in err and "not a Jupyter notebook" in err
     assert path.read_text() == text
 
@@ -509,7 +499,7 @@ def test_run_notebooks_names_the_failing_cell(tmp_path, capsys):
     path = tmp_path / "failing.ipynb"
     nbformat.write(nb, path)
     before = path.read_text()
-    err = _cli_error(capsys, ["run-notebooks", path, "--timeout", "120"])
+    err = cli_error(capsys, ["run-notebooks", path, "--timeout", "120"])
     assert str(path) in err and "cell 3" in err and "ZeroDivisionError" in err
     assert path.read_text() == before
 
@@ -731,7 +721,7 @@ def test_text_where_mat_positions_belong_is_a_message(city, capsys, field, value
     mat = loadmat(path)
     mat["dbStruct"][field][0, 0] = np.array(value, dtype=object)
     savemat(path, {"dbStruct": mat["dbStruct"]})
-    err = _cli_error(capsys, ["check-data", "--root", city, "--split", "test"])
+    err = cli_error(capsys, ["check-data", "--root", city, "--split", "test"])
     assert "synthetic_test.mat" in err and field in err
 
 
@@ -743,7 +733,7 @@ def test_a_vpr_name_with_nan_coordinates_is_a_message(micro_city, tmp_path, caps
     shutil.copy(image, folder / "database" / "@0@1@.jpg")
     shutil.copy(image, folder / "database" / "@nan@1@.jpg")
     shutil.copy(image, folder / "queries" / "@0@2@.jpg")
-    err = _cli_error(capsys, ["check-data", "--root", folder, "--split", "test"])
+    err = cli_error(capsys, ["check-data", "--root", folder, "--split", "test"])
     assert "@nan@1@.jpg" in err and "easting/northing" in err
 
 
@@ -774,7 +764,7 @@ def test_a_damaged_pca_file_is_a_message(own_run, tmp_path, capsys):
                                   name: good["state_dict"][name] * float("nan")}}
     for damaged in (nan, {**good, "in_dim": 7}):
         torch.save(damaged, side)
-        assert str(side) in _cli_error(capsys, argv)
+        assert str(side) in cli_error(capsys, argv)
 
 
 def test_overwrite_and_resume_delete_only_the_runs_own_files(own_run, tmp_path):

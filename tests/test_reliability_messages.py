@@ -5,27 +5,16 @@ command line cannot reach them (a library caller sees the argument, not the flag
 import re
 
 import pytest
+from oracles import cli_error
 
 from netvlad_tutorial import model, pretrain, utils
-from netvlad_tutorial.cli import main as cli_main
 from netvlad_tutorial.config import ArgumentError
-
-
-def _cli_error(capsys, argv):
-    """Run the CLI, expect exit 2, and return its one error line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main([str(a) for a in argv])
-    assert exit_info.value.code == 2
-    lines = re.findall("^error: .*$", capsys.readouterr().err, flags=re.M)
-    assert len(lines) == 1, lines
-    return lines[0]
 
 
 @pytest.mark.parametrize("device", ["nonsense", "cuda:99", "tpu"])
 def test_a_device_error_names_the_flag(device, micro_city, tmp_path, capsys):
     """utils.check_device (before `config`, so in words): each of its errors names --device."""
-    err = _cli_error(capsys, ["train", "--data-root", micro_city, "--out", tmp_path / "run",
+    err = cli_error(capsys, ["train", "--data-root", micro_city, "--out", tmp_path / "run",
                               "--device", device])
     assert f"'{device}'" in err and "--device" in err, err
     assert not (tmp_path / "run").exists()
@@ -46,7 +35,7 @@ def test_a_precision_error_from_the_environment_names_the_variable(monkeypatch):
 
 
 def test_pretrain_resume_and_overwrite_names_both(tmp_path, capsys):
-    err = _cli_error(capsys, ["pretrain", "--out", tmp_path / "run", "--resume",
+    err = cli_error(capsys, ["pretrain", "--out", tmp_path / "run", "--resume",
                               "--overwrite"])
     assert "--resume" in err and "--overwrite" in err and "`" not in err, err
     with pytest.raises(ArgumentError, match=re.escape("`resume=True` or `overwrite=True`")):
@@ -55,7 +44,7 @@ def test_pretrain_resume_and_overwrite_names_both(tmp_path, capsys):
 
 
 def test_an_unknown_backbone_names_the_setting(micro_city, tmp_path, capsys):
-    err = _cli_error(capsys, ["train", "--data-root", micro_city, "--out", tmp_path / "run",
+    err = cli_error(capsys, ["train", "--data-root", micro_city, "--out", tmp_path / "run",
                               "--device", "cpu", "--set", "backbone=nope"])
     assert "'nope'" in err and "`backbone`" in err, err
     with pytest.raises(ArgumentError) as info:
@@ -65,5 +54,5 @@ def test_an_unknown_backbone_names_the_setting(micro_city, tmp_path, capsys):
 
 
 def test_an_unknown_weights_name_names_the_argument(capsys):
-    err = _cli_error(capsys, ["weights", "download", "nope"])
+    err = cli_error(capsys, ["weights", "download", "nope"])
     assert "weights name 'nope'" in err and "imagenet" in err, err
