@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
-from netvlad_tutorial.utils import cpu_model  # noqa: E402
+from netvlad_tutorial.precision import cpu_model  # noqa: E402
 
 
 def cpu_family_model():

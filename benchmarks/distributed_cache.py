@@ -31,9 +31,10 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from netvlad_tutorial import distributed  # noqa: E402
-from netvlad_tutorial.data import WholeDataset, input_transform, load_split  # noqa: E402
+from netvlad_tutorial.data import WholeDataset, load_split
 from netvlad_tutorial.features import compute_descriptors  # noqa: E402
-from netvlad_tutorial.model import build_model  # noqa: E402
+from netvlad_tutorial.images import input_transform
+from netvlad_tutorial.model import build_model
 
 
 def _free_port():

@@ -3,7 +3,7 @@
     python benchmarks/mining.py [--scale 0.1] [--seed 0]
 
 Positions shaped like Pitts250k-train (`synthetic.pitts_like_struct`, no images); both ways are
-timed and their peak memory measured in this run (`data.compare_negative_memory`).
+timed and their peak memory measured in this run (`lessons.compare_negative_memory`).
 """
 
 import argparse
@@ -12,10 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the package, from a checkout
 
-from netvlad_tutorial.data import (  # noqa: E402
-    compare_negative_memory,
-    format_negative_memory,
-)
+from netvlad_tutorial.lessons import compare_negative_memory, format_negative_memory
 from netvlad_tutorial.synthetic import pitts_like_struct  # noqa: E402
 
 

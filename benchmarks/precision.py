@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import device_name  # noqa: E402
 
-from netvlad_tutorial.utils import native_bf16, resolve_precision  # noqa: E402
+from netvlad_tutorial.precision import native_bf16, resolve_precision
 
 PATHS = [("fp32 NCHW", False, False), ("fp32 channels_last", False, True),
          ("bf16 + channels_last", True, True), ("bf16 NCHW", True, False)]

@@ -37,36 +37,21 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]  # `common` and the package, from a
 
 from common import RESULTS_DIR, ROOT, device_name, slugify  # noqa: E402
 
+from netvlad_tutorial.centroids import kmeans_centroids  # noqa: E402
 from netvlad_tutorial.config import TrainConfig  # noqa: E402
-from netvlad_tutorial.data import (  # noqa: E402
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    SPLITS,
-    WholeDataset,
-    input_transform,
-    load_image,
-    load_split,
-)
+from netvlad_tutorial.data import WholeDataset, load_split  # noqa: E402
+from netvlad_tutorial.dbstruct import SPLITS  # noqa: E402
 from netvlad_tutorial.features import compute_descriptors, run_inference  # noqa: E402
+from netvlad_tutorial.files import atomic_write  # noqa: E402
+from netvlad_tutorial.images import IMAGENET_MEAN, IMAGENET_STD, input_transform, load_image  # noqa: E402
 from netvlad_tutorial.mining import triplet_loss  # noqa: E402
-from netvlad_tutorial.model import (  # noqa: E402
-    assignment_alpha,
-    build_model,
-    kmeans_centroids,
-    netvlad_loop,
-    prepare_for_device,
-)
+from netvlad_tutorial.model import build_model, prepare_for_device  # noqa: E402
+from netvlad_tutorial.netvlad import assignment_alpha, netvlad_loop  # noqa: E402
+from netvlad_tutorial.precision import Precision, autocast, native_bf16, resolve_precision  # noqa: E402
 from netvlad_tutorial.run_model import ImageSource, RunModel  # noqa: E402
 from netvlad_tutorial.synthetic import make_synthetic_city  # noqa: E402
 from netvlad_tutorial.train import make_optimizer  # noqa: E402
-from netvlad_tutorial.utils import (  # noqa: E402
-    Precision,
-    atomic_write,
-    autocast,
-    cache_dir,
-    native_bf16,
-    resolve_precision,
-)
+from netvlad_tutorial.utils import cache_dir  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Speed: cache pass and training step, the reference formulation vs the package
@@ -86,13 +71,13 @@ TARGETS = {  # the minimum speedups (and GPU throughput, training memory) the pa
 
 
 class LoopNetVLAD(nn.Module):
-    """NetVLAD computed cluster by cluster (`model.netvlad_loop`), sharing a layer's weights.
+    """NetVLAD computed cluster by cluster (`netvlad.netvlad_loop`), sharing a layer's weights.
 
     The reference (Nanne/pytorch-NetVlad) formulation: one (B, D, H*W) residual tensor per
     cluster, which autograd keeps for the backward pass, K times.
 
     Args:
-        pool: a `model.NetVLAD` whose `conv` and `centroids` this module uses (not copies).
+        pool: a `netvlad.NetVLAD` whose `conv` and `centroids` this module uses (not copies).
     """
 
     def __init__(self, pool):
@@ -115,7 +100,7 @@ def variant_settings(name, device, compile=None, gpu_decode=None, precision="aut
     Args:
         compile: `torch.compile` the gpu_extras encoder; default: on CUDA.
         gpu_decode: decode the gpu_extras JPEGs with nvjpeg on the GPU; default: on CUDA.
-        precision: "auto", "fp32" or "bf16" (`utils.resolve_precision`) of the package and
+        precision: "auto", "fp32" or "bf16" (`precision.resolve_precision`) of the package and
             gpu_extras variants.
     """
     cuda = torch.device(device).type == "cuda"
@@ -225,7 +210,7 @@ def gpu_decode_error(path, device):
 
 
 class Normalize255(nn.Module):
-    """uint8 images (B, 3, H, W) -> float ImageNet-normalized, like `data.input_transform`."""
+    """uint8 images (B, 3, H, W) -> float ImageNet-normalized, like `images.input_transform`."""
 
     def __init__(self, device):
         super().__init__()
@@ -430,7 +415,7 @@ def make_bench_state(paths, device, path, num_clusters=NUM_CLUSTERS, num_images=
     """Save the weights both variants use: random VGG16 conv5, NetVLAD fitted to the images.
 
     The centroids are k-means (20 iterations) of the conv5 descriptors of the first
-    `num_images` images and α is set as in `model.assignment_alpha`, so the soft-assignment is
+    `num_images` images and α is set as in `netvlad.assignment_alpha`, so the soft-assignment is
     as sharp as after the real initialization. Random centroids would leave every descriptor
     nearly equidistant to all of them, and any two VLAD implementations would trivially agree.
     Images too small for k-means (fewer than 4 descriptors per cluster) get sampled

@@ -33,8 +33,8 @@ from netvlad_tutorial import evaluate, train  # noqa: E402
 from netvlad_tutorial.config import PRESETS  # noqa: E402
 from netvlad_tutorial.data import load_split  # noqa: E402
 from netvlad_tutorial.model import make_model  # noqa: E402
+from netvlad_tutorial.precision import cpu_model  # noqa: E402
 from netvlad_tutorial.synthetic import ensure_synthetic_city  # noqa: E402
-from netvlad_tutorial.utils import cpu_model  # noqa: E402
 
 RECALLS = (1, 5, 10)
 

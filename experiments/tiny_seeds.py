@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from netvlad_tutorial import config as cf  # noqa: E402
 from netvlad_tutorial import evaluate, train  # noqa: E402
+from netvlad_tutorial.precision import cpu_model  # noqa: E402
 from netvlad_tutorial.synthetic import ensure_synthetic_city  # noqa: E402
-from netvlad_tutorial.utils import cpu_model  # noqa: E402
 
 RECIPES = {"batch 2": {"batch_size": 2}, "batch 4 (the preset)": {"batch_size": 4}}
 RECALLS = (1, 5, 10)

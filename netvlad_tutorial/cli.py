@@ -15,7 +15,8 @@ def _make_synthetic(args):
 
 
 def _check_data(args):
-    from .data import QUERIES_DIR, check_data, format_report
+    from .datacheck import check_data, format_report
+    from .dbstruct import QUERIES_DIR
 
     if args.struct is not None and args.split is not None:
         raise ValueError("give either --struct or --split, not both")
@@ -164,7 +165,7 @@ def run_notebooks(paths, timeout=1200):
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
-    from .utils import atomic_write
+    from .files import atomic_write
 
     for path in map(Path, paths):
         start = time.perf_counter()

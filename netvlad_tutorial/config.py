@@ -8,7 +8,7 @@ import types
 from dataclasses import dataclass
 
 from . import __version__
-from .utils import PRECISIONS
+from .precision import PRECISIONS
 
 TRAINABLE = ("all", "conv5", "netvlad")  # what trains: `TrainConfig.trainable`
 CHOICES = {"trainable": TRAINABLE, "optimizer": ("sgd", "adam"),
@@ -56,7 +56,7 @@ class TrainConfig:
     image_size: tuple | None = None  # (H, W) to resize to; None keeps the files' size
     num_clusters: int = 64
     weights: str | None = "imagenet"  # "imagenet", a local file, or None (random)
-    backbone: str = "vgg16_conv5"  # the encoder: a name in `model.BACKBONES`
+    backbone: str = "vgg16_conv5"  # the encoder: a name in `backbone.BACKBONES`
     # What trains: "all" (every VGG16 layer and NetVLAD), "conv5" (conv5_1..conv5_3 and
     # NetVLAD, the reference with ImageNet weights) or "netvlad" (only NetVLAD: a frozen
     # encoder, the tiny preset, see there).

@@ -26,8 +26,11 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from .data import DATASETS_DIR, IMAGE_SUFFIXES, QUERIES_DIR, DbStruct, load_split, save_db_struct
-from .utils import REPO_ROOT, atomic_write, display_path
+from .data import load_split
+from .dbstruct import DATASETS_DIR, QUERIES_DIR, DbStruct, save_db_struct
+from .files import atomic_write
+from .images import IMAGE_SUFFIXES
+from .utils import REPO_ROOT, display_path
 from .weights import Weights, download_weights
 
 DATA_URL_ENV = "NETVLAD_DATA_URL"

@@ -13,7 +13,7 @@ What is distributed (see the README, "Several GPUs or machines"):
 - training: `DistributedDataParallel` over each global batch of tuples (`batch_plan`,
   `share_loss`), so the update is the one of a single process with the global batch;
 - mining, validation: computed on rank 0 and broadcast (`broadcast_object`);
-- files: rank 0 only (`utils.is_main_process`); printing: rank 0 only where the command line
+- files: rank 0 only (`files.is_main_process`); printing: rank 0 only where the command line
   runs its command inside `quiet_other_ranks()`.
 """
 
@@ -26,7 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .utils import hidden_progress, is_main_process
+from .files import is_main_process
+from .utils import hidden_progress
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 GATHER_CHUNK_MB = 64  # `gather_rows` moves at most this much per rank and step

@@ -14,28 +14,22 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
-from .config import PRESETS, ArgumentError, get_preset
-from .data import eval_positives, load_split
-from .model import (
-    PCAWhitening,
+from .checkpoints import (
     check_model_config,
     checkpoint_config,
     detect_model_format,
-    fit_pca_whitening,
     load_checkpoint,
     load_model,
     load_weights,
-    model_config,
 )
+from .config import PRESETS, ArgumentError, get_preset
+from .data import eval_positives, load_split
+from .files import atomic_save, atomic_write, load_torch_file
+from .model import model_config
+from .pca import PCAWhitening, fit_pca_whitening
+from .precision import get_device, resolve_device
 from .run_model import ImageSource, RunModel, as_run
-from .utils import (
-    atomic_save,
-    atomic_write,
-    display_path,
-    get_device,
-    load_torch_file,
-    resolve_device,
-)
+from .utils import display_path
 
 RECALL_VALUES = (1, 5, 10, 20)
 
@@ -63,7 +57,8 @@ def topk_search(q, db, k, chunk_size=1024, device=None):
         db: (N, D) database descriptors, numpy (memmap ok) or torch.
         k: neighbours per query (at most N are returned).
         chunk_size: rows per query chunk and per database chunk.
-        device: where to compute (default: `q`'s device if a tensor, else `utils.get_device()`).
+        device: where to compute (default: `q`'s device if a tensor, else
+            `precision.get_device()`).
     """
     if device is None:
         device = q.device if torch.is_tensor(q) else get_device()
@@ -253,7 +248,7 @@ def neighbour_agreement(desc, labels, k=3):
 
 
 def whiten(pca, desc):
-    """Cached descriptors (N, D) (float16 numpy ok) through a fitted `model.PCAWhitening`.
+    """Cached descriptors (N, D) (float16 numpy ok) through a fitted `pca.PCAWhitening`.
 
     The same as the model's own `pca` layer on the images: a linear map, then L2-normalization.
     """
@@ -469,7 +464,7 @@ def _check_best_is_current(path, ckpt):
 
 def released_format(contents):
     """"patchnetvlad" or "nanne" for the contents of a released model file
-    (`model.detect_model_format`); None for this project's checkpoints, for files of no known
+    (`checkpoints.detect_model_format`); None for this project's checkpoints, for files of no known
     format and for None (no file)."""
     if contents is None:
         return None
@@ -482,7 +477,7 @@ def released_format(contents):
 
 def _evaluate_released(checkpoint, contents, data_root, split, name, device, precision, pca,
                        pca_dim, per_query=None):
-    """`evaluate_checkpoint` for Patch-NetVLAD and Nanne files (`model.load_model`): their
+    """`evaluate_checkpoint` for Patch-NetVLAD and Nanne files (`checkpoints.load_model`): their
     input rule (Patch-NetVLAD resizes to 480x640), the reference settings otherwise."""
     config = PRESETS["pitts30k"].replace(data_root=str(data_root), weights=None, dataset=name,
                                          **({"precision": precision} if precision else {}),
@@ -550,7 +545,7 @@ def load_or_fit_pca(model, config, train_split, device, pca_dim=None, checkpoint
             data is too small for it). An explicit size larger than possible is an error.
         checkpoint: a checkpoint file; it is read, never written.
         save: store a fitted layer in `pca_path(checkpoint, dim)`.
-        ckpt: `checkpoint` as already loaded (`model.load_checkpoint`), so it is read once.
+        ckpt: `checkpoint` as already loaded (`checkpoints.load_checkpoint`), so it is read once.
     """
     if ckpt is None:
         ckpt = load_checkpoint(checkpoint) if checkpoint else {}

@@ -19,16 +19,9 @@ from tqdm import tqdm
 
 from . import distributed
 from .config import TRAINABLE
-from .utils import (
-    Precision,
-    atomic_write,
-    cache_dir,
-    display_path,
-    leave_progress,
-    progress_hidden,
-    resolve_precision,
-    write_error,
-)
+from .files import atomic_write, write_error
+from .precision import Precision, resolve_precision
+from .utils import cache_dir, display_path, leave_progress, progress_hidden
 
 DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
 IN_MEMORY_LIMIT_MIB = 2048  # `storage="auto"`: larger caches go to a disk-backed array
@@ -90,7 +83,7 @@ def run_inference(model, dataset, batch_size=24, num_workers=0, device=None, pre
     Args:
         model: maps inputs (B, ...) to outputs (B, ...), e.g. images to descriptors.
         device: where to run (the model is moved there); default: the model's device.
-        precision: a `utils.Precision`, "auto", "fp32" or "bf16"; default "auto".
+        precision: a `precision.Precision`, "auto", "fp32" or "bf16"; default "auto".
         dtype: `np.float16` (default, half the memory) or `np.float32`; never float64.
         out_path: if given, a disk-backed `.npy` file (`np.lib.format.open_memmap`) holds the
             result instead of RAM.
@@ -167,7 +160,7 @@ def compute_descriptors(model, dataset, batch_size=24, num_workers=0, device=Non
 
     Args:
         precision: "auto" (bf16 autocast only where the device has native bf16), "fp32",
-            "bf16" or a `utils.Precision`; the NetVLAD layer computes in float32 in any case.
+            "bf16" or a `precision.Precision`; the NetVLAD layer computes in float32 in any case.
         dtype: `np.float16` (default, half the memory) or `np.float32`; never float64.
         out_path: if given, a disk-backed `.npy` file holds the result instead of RAM
             (Pitts250k: about 100k × 32,768, 6 GiB in float16).

@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from .data import QUERIES_DIR, NegativeSampler, Split, input_transform, load_image
+from .data import NegativeSampler, Split
+from .dbstruct import QUERIES_DIR
+from .images import input_transform, load_image
 from .utils import leave_progress, progress_hidden
 
 MinedTuple = namedtuple("MinedTuple",

@@ -33,7 +33,7 @@ def gem_pool(x, p=3.0, eps=1e-6):
 
 
 def vlad_pool(x, layer, hard=False, intra_norm=True):
-    """VLAD of local features `x` (N, D, h, w) with the centroids of a `model.NetVLAD` layer.
+    """VLAD of local features `x` (N, D, h, w) with the centroids of a `netvlad.NetVLAD` layer.
 
     Args:
         layer: the NetVLAD layer whose centroids and assignment (1x1 conv) are used; its

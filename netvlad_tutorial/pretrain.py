@@ -1,7 +1,7 @@
 """Stage 2: pretraining VGG16 on the synthetic world, the course's stand-in for ImageNet.
 
 `python -m netvlad_tutorial pretrain --out runs/pretrain` trains the encoder's layers (VGG16 up
-to conv5_3, `model.build_encoder`) with a BatchNorm after every convolution and two linear heads
+to conv5_3, `backbone.build_encoder`) with a BatchNorm after every convolution and two linear heads
 (facade style, sky) on the views of `world.py`. At the end the BatchNorms are folded into the
 convolutions, so the result is a plain VGG16 state dict that loads exactly as torchvision's.
 
@@ -12,7 +12,7 @@ resumed run trains on the same batches as an uninterrupted one. On a CPU, `max_m
 it at a checkpoint, to continue in chunks.
 
 The package ships the final encoder as `pretrained/vgg16_world.pth` with the run's
-`provenance.json` beside it as `vgg16_world.json` (`model.shipped_weights`, `weights="world"`).
+`provenance.json` beside it as `vgg16_world.json` (`backbone.shipped_weights`, `weights="world"`).
 """
 
 import dataclasses
@@ -31,18 +31,12 @@ from torch import nn
 from tqdm import tqdm
 
 from . import __version__
+from .backbone import vgg16_features
 from .config import ArgumentError, setting_text
-from .data import IMAGENET_MEAN, IMAGENET_STD
-from .model import vgg16_features
-from .utils import (
-    atomic_json,
-    atomic_save,
-    cpu_model,
-    display_path,
-    load_torch_file,
-    remove_temporary_files,
-    resolve_precision,
-)
+from .files import atomic_json, atomic_save, load_torch_file, remove_temporary_files
+from .images import IMAGENET_MEAN, IMAGENET_STD
+from .precision import cpu_model, resolve_precision
+from .utils import display_path
 from .world import NUM_STYLES, SKY_NAMES, facade_ppm, world_batch, world_street, world_styles
 
 ENCODER_FILE = "vgg16_world.pth"  # the exported encoder in a run folder (fp16 state dict)

@@ -1,8 +1,8 @@
 """The model of a run, with every decision about how it runs made once: `RunModel`.
 
 A run (training, evaluation) builds one `RunModel` from its `TrainConfig`. It holds
-- the `model.EmbedNet` and its `model.Backbone` (builder, channels, trainable block, weights);
-- the resolved `utils.Precision` (bf16 autocast or fp32, and the memory format of the inputs);
+- the `model.EmbedNet` and its `backbone.Backbone` (builder, channels, trainable block, weights);
+- the resolved `precision.Precision` (bf16 autocast or fp32, and the memory format of the inputs);
 - the source of its descriptors, one of `SOURCES`, with the storage that source needs.
 
 Training, validation, evaluation and k-means ask it for descriptors (`descriptors`) and for a
@@ -30,7 +30,7 @@ from .features import (
 )
 from .mining import triplet_loss
 from .model import make_model
-from .utils import resolve_precision
+from .precision import resolve_precision
 
 
 class ImageSource:
@@ -170,13 +170,13 @@ class RunModel:
     Args:
         model: a `model.EmbedNet`, on `device`.
         config: the run's `TrainConfig`.
-        precision: a resolved `utils.Precision`; None: resolved here from `config.precision`.
+        precision: a resolved `precision.Precision`; None: resolved here from `config.precision`.
         source: run -> source object (a class of `SOURCES`); None: `choose_source`.
     """
 
     def __init__(self, model, config, device, precision=None, source=None):
         self.model, self.config, self.device = model, config, torch.device(device)
-        self.backbone = getattr(model.encoder, "backbone", None)  # `model.Backbone`, if built so
+        self.backbone = getattr(model.encoder, "backbone", None)  # a `Backbone`, if built so
         self.precision = precision or resolve_precision(config.precision, self.device)
         self.source = source(self) if source is not None else choose_source(self)
         self._trainable = None

@@ -30,16 +30,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from .data import QUERIES_DIR, SPLITS, DbStruct, parse_db_struct, save_db_struct, struct_path
-from .utils import (
-    DATA_ENV,
-    REPO_ROOT,
-    atomic_json,
-    atomic_write,
-    default_data_root,
-    fault_point,
-    folder_lock,
-)
+from .dbstruct import QUERIES_DIR, SPLITS, DbStruct, parse_db_struct, save_db_struct, struct_path
+from .files import atomic_json, atomic_write, fault_point, folder_lock
+from .utils import DATA_ENV, REPO_ROOT, default_data_root
 
 DATASET_NAME = "synthetic"
 ORIGIN = (585_000.0, 4_477_000.0)  # UTM zone 17T (easting, northing), as in Pittsburgh

@@ -22,16 +22,21 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import __version__, distributed
+from .backbone import get_backbone
+from .checkpoints import check_model_config, checkpoint_config, load_checkpoint, load_weights
 from .config import ArgumentError, TrainConfig
-from .data import (
-    DataLayoutError,
-    NegativeSampler,
-    data_fingerprint,
-    input_transform,
-    load_split,
-    train_positives,
-)
+from .data import NegativeSampler, data_fingerprint, load_split, train_positives
+from .dbstruct import DataLayoutError
 from .evaluate import evaluate_split
+from .files import (
+    atomic_json,
+    atomic_save,
+    atomic_write,
+    fault_point,
+    folder_lock,
+    remove_temporary_files,
+)
+from .images import input_transform
 from .mining import (
     POOL_GROUP,
     MiningState,
@@ -40,30 +45,10 @@ from .mining import (
     collate_fn,
     mine_triplets,
 )
-from .model import (
-    check_model_config,
-    checkpoint_config,
-    get_backbone,
-    load_checkpoint,
-    load_weights,
-    make_model,
-    model_config,
-)
+from .model import make_model, model_config
+from .precision import check_device, resolve_device
 from .run_model import RunModel
-from .utils import (
-    atomic_json,
-    atomic_save,
-    atomic_write,
-    check_device,
-    display_path,
-    fault_point,
-    folder_lock,
-    progress_hidden,
-    remove_temporary_files,
-    resolve_device,
-    set_seed,
-    transient_progress,
-)
+from .utils import display_path, progress_hidden, set_seed, transient_progress
 
 # ---------------------------------------------------------------------------------------------
 # What a run costs, and its optimizer
@@ -521,14 +506,14 @@ def stops_early(record, epoch, config):
 
 
 def run_lock(run_dir):
-    """The lock file of a run folder, beside it: `RUNS/.NAME.lock` (`utils.folder_lock`)."""
+    """The lock file of a run folder, beside it: `RUNS/.NAME.lock` (`files.folder_lock`)."""
     run_dir = Path(run_dir).resolve()
     return run_dir.parent / f".{run_dir.name}.lock"
 
 
 def train(config, run_dir, resume=False, stop_after=None, overwrite=False):
     """`_train`, holding the run folder's lock (`run_lock`): a second `train` on `run_dir` is
-    refused (`utils.FolderInUseError`) while this one runs, so no folder mixes two runs."""
+    refused (`files.FolderInUseError`) while this one runs, so no folder mixes two runs."""
     run_dir = Path(run_dir)
     with folder_lock(run_lock(run_dir), run_dir, "train"):
         return _train(config, run_dir, resume, stop_after, overwrite)

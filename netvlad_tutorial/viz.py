@@ -21,20 +21,12 @@ from matplotlib.ticker import MaxNLocator, NullFormatter
 from PIL import Image
 from scipy.spatial import cKDTree
 
-from .data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    DbStruct,
-    NegativeSampler,
-    eval_positives,
-    load_image,
-    load_split,
-    to_rgb,
-    train_positives,
-)
+from .backbone import vgg16_features
+from .data import NegativeSampler, eval_positives, load_split, train_positives
+from .dbstruct import DbStruct
 from .evaluate import best_matches, pr_auc
-from .model import vgg16_features
-from .utils import atomic_write
+from .files import atomic_write
+from .images import IMAGENET_MEAN, IMAGENET_STD, load_image, to_rgb
 
 FRAME_WIDTH = 4
 
@@ -60,7 +52,7 @@ def to_image(x):
 
     Args:
         x: a PIL image, an (H, W, 3) array (uint8, or float in [0, 1]), or a (3, H, W) tensor
-            normalized with the ImageNet mean and std (as `data.input_transform` makes it),
+            normalized with the ImageNet mean and std (as `images.input_transform` makes it),
             whose normalization is undone here.
     """
     if isinstance(x, Image.Image):

@@ -23,15 +23,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .backbone import IMAGENET_URL, SHIPPED, imagenet_weights_path, shipped_weights
+from .checkpoints import detect_model_format
 from .config import ArgumentError
-from .model import (
-    IMAGENET_URL,
-    SHIPPED,
-    detect_model_format,
-    imagenet_weights_path,
-    shipped_weights,
-)
-from .utils import atomic_write, folder_lock, load_torch_file, write_error
+from .files import atomic_write, folder_lock, load_torch_file, write_error
 
 WEIGHTS_URL_ENV = "NETVLAD_WEIGHTS_URL"
 
@@ -48,7 +43,7 @@ class Weights:
         url: where the authors publish it.
         filename: its name in the cache folder.
         sha256: the published sha256 (or its prefix); None when none is published.
-        kind: "encoder" (a VGG16 state dict) or "model" (a file `model.load_model` reads).
+        kind: "encoder" (a VGG16 state dict) or "model" (a file `checkpoints.load_model` reads).
         description: what it is.
         usage: how a preset, a notebook or the CLI uses it once downloaded.
         pca_dim: for a model, the WPCA dimension the file must have.
@@ -75,7 +70,7 @@ def _patchnetvlad(city, pca_dim, share):
         filename=f"{name}.pth.tar", sha256=None, kind="model", pca_dim=pca_dim,
         description=f"Patch-NetVLAD's NetVLAD trained on {trained}, WPCA {pca_dim}-D",
         usage=("python -m netvlad_tutorial evaluate --checkpoint <path> ...; in Python: "
-               "model.load_model(<path>) (images resized to 480x640, as their code)"),
+               "checkpoints.load_model(<path>) (images resized to 480x640, as their code)"),
         note=(f"{NO_PUBLISHED_HASH}. URL from QVPR/Patch-NetVLAD download_models.py; CloudStor "
               "has since closed, and a later Patch-NetVLAD README points to "
               "https://huggingface.co/TobiasRobotics/Patch-NetVLAD (file "
@@ -179,7 +174,7 @@ def fetch_url(url, dest, hash_prefix=None, progress=True, timeout=DOWNLOAD_TIMEO
     Raises:
         ValueError: the server failed, sent too much or too little, or the sha256 does not start
             with `hash_prefix` ("invalid hash value").
-        OSError: writing `dest` failed (`utils.write_error`: a full disk, a size limit).
+        OSError: writing `dest` failed (`files.write_error`: a full disk, a size limit).
     """
     digest, received = hashlib.sha256(), 0
     request = urllib.request.Request(url, headers={"User-Agent": "netvlad-tutorial"})
@@ -257,7 +252,7 @@ def download_weights(name, base_url=None, progress=True, allow_unverified=False,
     A file already there is checked: against its published hash or its sidecar, else (one
     placed by hand, unverified) by reading it and, with `allow_unverified`, its hash is
     recorded; otherwise it is refused. Downloads of one file are serialized
-    (`utils.folder_lock`), and the partial files of a killed download are removed.
+    (`files.folder_lock`), and the partial files of a killed download are removed.
 
     Returns:
         the file's path. A wrong hash, a truncated or unreadable file raises, leaving nothing.

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from netvlad_tutorial import features, model
+from netvlad_tutorial import backbone, features, model, netvlad
 
 MIB = 2**20
 
@@ -68,8 +68,8 @@ def _mini_vgg():
     for i in range(3):
         layers += [nn.Conv2d(8, 8, 3, padding=1)] + ([nn.ReLU(inplace=True)] if i < 2 else [])
     encoder = nn.Sequential(*layers)
-    encoder.backbone = model.Backbone("mini_vgg", lambda: None, channels=8, tail=5)
-    return model.EmbedNet(encoder, model.NetVLAD(num_clusters=4, dim=8))
+    encoder.backbone = backbone.Backbone("mini_vgg", lambda: None, channels=8, tail=5)
+    return model.EmbedNet(encoder, netvlad.NetVLAD(num_clusters=4, dim=8))
 
 
 def test_backward_memory_meta_equals_a_real_forward_pass():

@@ -1,12 +1,12 @@
 """The mining benchmark (`benchmarks/mining.py`): Pitts250k-shaped positions and both ways to
-get negatives (`data.compare_negative_memory`), at a small scale."""
+get negatives (`lessons.compare_negative_memory`), at a small scale."""
 
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from netvlad_tutorial.data import (
+from netvlad_tutorial.lessons import (
     compare_negative_memory,
     format_negative_memory,
     project_negatives,

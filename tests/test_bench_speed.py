@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from netvlad_tutorial import mining, utils
-from netvlad_tutorial.data import input_transform
-from netvlad_tutorial.model import EmbedNet, NetVLAD
+from netvlad_tutorial import mining, precision
+from netvlad_tutorial.images import input_transform
+from netvlad_tutorial.model import EmbedNet
+from netvlad_tutorial.netvlad import NetVLAD
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from common import slugify  # noqa: E402  (benchmarks/common.py)
@@ -101,7 +102,7 @@ def test_variant_settings_on_cpu(monkeypatch, native):
     monkeypatch.delenv("NETVLAD_PRECISION", raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    monkeypatch.setattr(utils, "cpu_bf16_speedup", lambda: 2.0)  # an AMX CPU: bf16 measured 2x
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 2.0)  # an AMX CPU: bf16 measured 2x
     ref, pkg = variant_settings("reference", "cpu"), variant_settings("package", "cpu")
     assert (ref["pipeline"], ref["amp"], ref["channels_last"], ref["pool"], ref["decode"]) == (
         "script", False, False, "loop", "pil")

@@ -9,23 +9,24 @@ from scipy.io import savemat
 from scipy.stats import chisquare
 
 from netvlad_tutorial.data import (
+    NegativeSampler,
+    WholeDataset,
+    eval_positives,
+    load_split,
+    parse_folder_dataset,
+    positives_within,
+    train_positives,
+)
+from netvlad_tutorial.datacheck import check_data, format_report
+from netvlad_tutorial.dbstruct import (
     QUERIES_DIR,
     DataLayoutError,
     DbStruct,
-    NegativeSampler,
-    WholeDataset,
-    check_data,
-    eval_positives,
-    format_report,
-    input_transform,
-    load_split,
     parse_db_struct,
-    parse_folder_dataset,
-    positives_within,
     save_db_struct,
     struct_path,
-    train_positives,
 )
+from netvlad_tutorial.images import input_transform
 
 
 def _random_db(rng, num_places=30, views=4, num_q=12, timestamps=False):

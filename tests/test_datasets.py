@@ -66,7 +66,7 @@ def test_download_unpacks_a_split_the_loaders_read(server, tmp_path):
     # evaluation positives: the same frame, and only it
     assert [p.tolist() for p in eval_positives(db)] == [[i] for i in range(NUM_FRAMES)]
     # nothing else was written: no day_left, no stray files, no archive (its hash stays); the
-    # download's lock file (`utils.folder_lock`) stays beside it
+    # download's lock file (`files.folder_lock`) stays beside it
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
                    if p.is_file() and p.name != ".GardensPoint_Walking.zip.lock")
     assert files == sorted([*db.dbImage, *(f"queries_real/{q}" for q in db.qImage),

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from netvlad_tutorial import distributed
 from netvlad_tutorial import train as tr
+from netvlad_tutorial.checkpoints import load_checkpoint
 from netvlad_tutorial.data import load_split, whole_dataset
 from netvlad_tutorial.evaluate import evaluate_checkpoint
 from netvlad_tutorial.features import (
@@ -25,7 +26,7 @@ from netvlad_tutorial.features import (
     compute_descriptors,
     compute_local_features,
 )
-from netvlad_tutorial.model import load_checkpoint, make_model
+from netvlad_tutorial.model import make_model
 
 WORLD = 2
 BATCH = 2  # per rank; the single-process reference uses WORLD * BATCH

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from netvlad_tutorial import evaluate
-from netvlad_tutorial.model import fit_pca_whitening
+from netvlad_tutorial.pca import fit_pca_whitening
 
 
 def _random_case(num_q=30, num_db=50, dim=8, seed=0):

@@ -5,9 +5,9 @@ import json
 
 import torch
 
+from netvlad_tutorial.backbone import vgg16_features
 from netvlad_tutorial.config import PRESETS
 from netvlad_tutorial.data import load_split
-from netvlad_tutorial.model import vgg16_features
 from netvlad_tutorial.utils import REPO_ROOT
 
 MICRO = dict(image_size=(32, 48), num_clusters=4, epochs=1, n_neg=2, n_neg_sample=20,

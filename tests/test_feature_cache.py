@@ -6,15 +6,16 @@ import torch
 
 from netvlad_tutorial import train as tr
 from netvlad_tutorial.config import PRESETS
-from netvlad_tutorial.data import input_transform, load_split, whole_dataset
+from netvlad_tutorial.data import load_split, whole_dataset
 from netvlad_tutorial.features import (
     FeatureDataset,
     compute_descriptors,
     compute_local_features,
 )
+from netvlad_tutorial.files import load_torch_file
+from netvlad_tutorial.images import input_transform
 from netvlad_tutorial.mining import MinedTuple, TripletDataset, collate_fn
 from netvlad_tutorial.model import build_model, make_model
-from netvlad_tutorial.utils import load_torch_file
 
 
 def _frozen_config(city, **changes):

@@ -2,14 +2,17 @@
 package is organized"), at the top of the file."""
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "netvlad_tutorial"
 
 # The import order, earliest first: a module may import only those before it.
-STAGES = ["utils", "distributed", "config", "data", "synthetic", "world", "features", "model",
-          "pretrain", "pooling", "weights", "datasets", "mining", "run_model", "evaluate",
-          "search", "rerank", "train", "viz", "cli", "__main__"]
+STAGES = ["utils", "files", "precision", "distributed", "config", "dbstruct", "images", "data",
+          "datacheck", "synthetic", "world", "features", "backbone", "netvlad", "centroids",
+          "pca", "model", "checkpoints", "pretrain", "pooling", "weights", "datasets", "mining",
+          "run_model", "evaluate", "search", "rerank", "train", "viz", "lessons", "cli",
+          "__main__"]
 LAZY_IMPORTS = {"cli"}  # imports inside its functions keep `--help` fast; nothing else may
 
 
@@ -54,4 +57,20 @@ def test_no_function_level_imports_outside_the_cli():
 
 def test_the_package_init_imports_only_helpers():
     tree = ast.parse((PACKAGE / "__init__.py").read_text())
-    assert {m for m, _ in _relative_imports(tree)} <= {"utils", "synthetic"}
+    assert {m for m, _ in _relative_imports(tree)} <= {"utils", "files", "precision", "synthetic"}
+
+
+def test_the_guide_lists_every_module_in_order_with_its_imports():
+    """GUIDE.md's table is the map a reader follows: one row per module, its real imports."""
+    guide = (PACKAGE.parent / "GUIDE.md").read_text()
+    section = guide.split("## How the package is organized")[1].split("\n## ")[0]
+    rows = [r.split("|") for r in section.splitlines() if r.startswith("| `")]
+    assert [r[1].strip().strip("`") for r in rows] == STAGES[:-1]
+    for row in rows:
+        name = row[1].strip().strip("`")
+        if name in LAZY_IMPORTS:
+            continue
+        tree = ast.parse((PACKAGE / f"{name}.py").read_text())
+        real = {m for m, _ in _relative_imports(tree)} - {"__version__"}
+        listed = set(re.findall(r"`(\w+)`", row[4]))
+        assert listed == real, f"GUIDE.md: {name} imports {sorted(real)}, listed {sorted(listed)}"

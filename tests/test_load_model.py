@@ -1,4 +1,5 @@
-"""`model.load_model` on files in the exact released formats, against the original forward passes.
+"""`checkpoints.load_model` on files in the exact released formats, against the original
+forward passes.
 
 The reference below re-implements, independently of the package, what the original code computes:
 VGG16 `features[:-2]` (torchvision layer indices), NetVLAD as Nanne/pytorch-NetVlad's and
@@ -17,9 +18,10 @@ from torchvision import transforms
 from torchvision.models.vgg import cfgs, make_layers
 
 from netvlad_tutorial import data, evaluate, features
+from netvlad_tutorial.checkpoints import load_model
 from netvlad_tutorial.cli import main as cli_main
-from netvlad_tutorial.data import input_transform
-from netvlad_tutorial.model import build_model, load_model, model_config
+from netvlad_tutorial.images import input_transform
+from netvlad_tutorial.model import build_model, model_config
 
 K, P = 4, 8  # clusters, WPCA dimension
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

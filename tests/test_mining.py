@@ -7,7 +7,8 @@ from oracles import brute_force_mine, brute_positives
 from PIL import Image
 from torch import nn
 
-from netvlad_tutorial.data import DbStruct, NegativeSampler
+from netvlad_tutorial.data import NegativeSampler
+from netvlad_tutorial.dbstruct import DbStruct
 from netvlad_tutorial.mining import (
     MinedTuple,
     NegativeCache,

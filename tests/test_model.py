@@ -11,23 +11,12 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from netvlad_tutorial import model as M
-from netvlad_tutorial.model import (
-    IMAGENET_URL,
-    EmbedNet,
-    NetVLAD,
-    assignment_alpha,
-    build_encoder,
-    build_model,
-    fit_pca_whitening,
-    init_netvlad,
-    kmeans_centroids,
-    model_config,
-    netvlad_loop,
-    prepare_for_device,
-    sample_local_descriptors,
-    vgg16_features,
-)
+from netvlad_tutorial import centroids as centroids_module
+from netvlad_tutorial.backbone import IMAGENET_URL, build_encoder, vgg16_features
+from netvlad_tutorial.centroids import init_netvlad, kmeans_centroids, sample_local_descriptors
+from netvlad_tutorial.model import EmbedNet, build_model, model_config, prepare_for_device
+from netvlad_tutorial.netvlad import NetVLAD, assignment_alpha, netvlad_loop
+from netvlad_tutorial.pca import fit_pca_whitening
 from netvlad_tutorial.utils import display_path
 
 CONV5_LAYERS = (24, 26, 28)  # conv5_1, conv5_2, conv5_3 in `vgg16().features`
@@ -341,7 +330,7 @@ def test_init_netvlad_computes_then_loads_cache(tmp_path, monkeypatch):
     def no_sampling(*args, **kwargs):
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(M, "sample_local_descriptors", no_sampling)
+    monkeypatch.setattr(centroids_module, "sample_local_descriptors", no_sampling)
     fresh = _tiny_model()
     init_netvlad(fresh, dataset, cache_path=path, **kwargs)
     for name, value in model.pool.state_dict().items():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from netvlad_tutorial.model import NetVLAD, netvlad_loop
+from netvlad_tutorial.netvlad import NetVLAD, netvlad_loop
 from netvlad_tutorial.pooling import (
     average_pool,
     gem_pool,

@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch
 
-from netvlad_tutorial import utils
-from netvlad_tutorial.utils import PRECISION_ENV, resolve_precision
+from netvlad_tutorial import precision
+from netvlad_tutorial.precision import PRECISION_ENV, resolve_precision
 
 
 def _cpu(monkeypatch, amx, avx512_bf16):
@@ -17,9 +17,9 @@ def _cpu(monkeypatch, amx, avx512_bf16):
 @pytest.fixture(autouse=True)
 def _clean(monkeypatch, tmp_path):
     monkeypatch.delenv(PRECISION_ENV, raising=False)
-    monkeypatch.setattr(utils, "_ANNOUNCED", set())
+    monkeypatch.setattr(precision, "_ANNOUNCED", set())
     monkeypatch.setenv("NETVLAD_CACHE_DIR", str(tmp_path / "cache"))  # no measurement kept
-    monkeypatch.setattr(utils, "cpu_bf16_speedup", lambda: 2.0)  # a CPU where bf16 is faster
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 2.0)  # a CPU where bf16 is faster
 
 
 @pytest.mark.parametrize("amx, avx512_bf16", list(itertools.product([False, True], repeat=2)))
@@ -39,7 +39,7 @@ def test_auto_takes_bf16_on_a_cpu_only_where_it_measured_faster(monkeypatch, spe
     # bf16 instructions are not enough: an Intel Xeon with AVX512-BF16 and no AMX ran VGG16
     # 0.7x as fast in bf16 as in fp32
     _cpu(monkeypatch, False, True)
-    monkeypatch.setattr(utils, "cpu_bf16_speedup", lambda: speedup)
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: speedup)
     chosen = resolve_precision("auto", "cpu", verbose=False)
     assert chosen.name == expected and f"{speedup:.1f}x" in chosen.reason
     assert resolve_precision("bf16", "cpu", verbose=False).name == "bf16"  # forced: obeyed
@@ -49,11 +49,12 @@ def test_cpu_bf16_speedup_is_measured_once_and_kept(monkeypatch, tmp_path):
     monkeypatch.undo()  # the real function, a fresh cache folder
     monkeypatch.setenv("NETVLAD_CACHE_DIR", str(tmp_path / "cache2"))
     calls = []
-    real = utils._time_conv
-    monkeypatch.setattr(utils, "_time_conv", lambda bf16: calls.append(bf16) or real(bf16, reps=1))
-    first = utils.cpu_bf16_speedup()
+    real = precision._time_conv
+    monkeypatch.setattr(precision, "_time_conv",
+                        lambda bf16: calls.append(bf16) or real(bf16, reps=1))
+    first = precision.cpu_bf16_speedup()
     assert first > 0 and calls == [False, True]
-    assert utils.cpu_bf16_speedup() == first and len(calls) == 2  # read back, not measured
+    assert precision.cpu_bf16_speedup() == first and len(calls) == 2  # read back, not measured
     kept = list((tmp_path / "cache2" / "precision").glob("*.json"))
     assert len(kept) == 1 and "bf16_speedup" in kept[0].read_text()
 

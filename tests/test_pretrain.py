@@ -9,9 +9,9 @@ import torchvision
 from torch import nn
 
 from netvlad_tutorial import synthetic, world
+from netvlad_tutorial.backbone import build_encoder
 from netvlad_tutorial.cli import main as cli_main
 from netvlad_tutorial.config import apply_settings, setting_text
-from netvlad_tutorial.model import build_encoder
 from netvlad_tutorial.pretrain import (
     ENCODER_FILE,
     PretrainConfig,

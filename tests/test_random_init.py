@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from netvlad_tutorial import centroids, data, model, netvlad
 from netvlad_tutorial import config as cf
-from netvlad_tutorial import data, model
 
 
 def _micro_config(city):
@@ -14,13 +14,13 @@ def _micro_config(city):
 
 
 def test_random_netvlad_is_seeded_uniform():
-    pool = model.NetVLAD(num_clusters=3, dim=5)
-    model.random_netvlad(pool, seed=7)
+    pool = netvlad.NetVLAD(num_clusters=3, dim=5)
+    centroids.random_netvlad(pool, seed=7)
     expected = torch.rand(3, 5, generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(pool.centroids.detach(), expected, rtol=0, atol=0)
     unit = expected / expected.norm(dim=1, keepdim=True)
     torch.testing.assert_close(pool.conv.weight.detach()[:, :, 0, 0], 100 * unit)
-    other = model.random_netvlad(model.NetVLAD(num_clusters=3, dim=5), seed=8)
+    other = centroids.random_netvlad(netvlad.NetVLAD(num_clusters=3, dim=5), seed=8)
     assert not torch.equal(other.centroids, pool.centroids)
 
 
@@ -33,7 +33,7 @@ def test_make_model_random_init_runs_no_kmeans(micro_city, monkeypatch):
         raise AssertionError("k-means ran")
 
     monkeypatch.setattr(model, "init_netvlad", no_kmeans)
-    monkeypatch.setattr(model, "kmeans_centroids", no_kmeans)
+    monkeypatch.setattr(centroids, "kmeans_centroids", no_kmeans)
     first, second = (model.make_model(config, split, torch.device("cpu"), init="random")
                      for _ in range(2))
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):

@@ -20,28 +20,24 @@ from PIL import Image
 from scipy.io import savemat
 from test_train import _micro_config  # tests/ is on sys.path under pytest
 
-from netvlad_tutorial import synthetic, utils
+from netvlad_tutorial import files, synthetic, utils
 from netvlad_tutorial import train as tr
+from netvlad_tutorial.centroids import centroids_path
+from netvlad_tutorial.checkpoints import checkpoint_config, load_checkpoint
 from netvlad_tutorial.config import PRESETS, TrainConfig
-from netvlad_tutorial.data import (
+from netvlad_tutorial.data import load_split
+from netvlad_tutorial.dbstruct import (
     DataLayoutError,
     DbStruct,
     _cell,
-    load_split,
     parse_db_struct,
     save_db_struct,
     struct_path,
 )
 from netvlad_tutorial.evaluate import evaluate_checkpoint
-from netvlad_tutorial.model import (
-    build_model,
-    centroids_path,
-    checkpoint_config,
-    load_checkpoint,
-    make_model,
-)
+from netvlad_tutorial.files import FAULT_ENV, load_torch_file
+from netvlad_tutorial.model import build_model, make_model
 from netvlad_tutorial.synthetic import make_synthetic_city
-from netvlad_tutorial.utils import FAULT_ENV, load_torch_file
 
 # ---------------------------------------------------------------------------------------------
 # Fault injection: SIGKILL (NETVLAD_FAULT) at defined points of `train`, then --resume
@@ -236,19 +232,19 @@ def test_the_writer_on_a_full_disk_names_the_file_and_leaves_no_temporary(tmp_pa
 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(OSError, match="cannot write .*latest.pth: No space left") as err:
-        utils.atomic_save({"x": 1}, tmp_path / "latest.pth")
+        files.atomic_save({"x": 1}, tmp_path / "latest.pth")
     assert err.value.errno == errno.ENOSPC
     assert (tmp_path / "latest.pth").read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pth"]
 
 
 def test_the_writer_keeps_a_file_mode_and_gives_new_files_the_usual_one(tmp_path):
-    new = utils.atomic_write(tmp_path / "new.json", "{}")
+    new = files.atomic_write(tmp_path / "new.json", "{}")
     mask = os.umask(0o022)
     os.umask(mask)
     assert new.stat().st_mode & 0o777 == 0o666 & ~mask  # as open(path, "w") would
     new.chmod(0o640)
-    utils.atomic_write(new, "[]")
+    files.atomic_write(new, "[]")
     assert new.stat().st_mode & 0o777 == 0o640 and new.read_text() == "[]"
 
 
@@ -608,7 +604,7 @@ def test_a_read_only_out_is_found_before_kmeans(micro_city, tmp_path, capsys, mo
     def kmeans(*args, **kwargs):
         raise AssertionError("k-means ran before the output folder was checked")
 
-    monkeypatch.setattr(utils.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(files.tempfile, "mkstemp", refuse)
     monkeypatch.setattr(tr, "make_model", kmeans)
     err = cli_error(capsys, ["train", "--data-root", micro_city, "--out", out])
     assert "readonly" in err and "Permission denied" in err

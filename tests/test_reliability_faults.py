@@ -27,26 +27,31 @@ from test_train import _micro_config  # tests/ is on sys.path under pytest
 
 from netvlad_tutorial import synthetic, weights
 from netvlad_tutorial import train as tr
+from netvlad_tutorial.centroids import centroids_path
 from netvlad_tutorial.cli import main as cli_main
 from netvlad_tutorial.config import TrainConfig
 from netvlad_tutorial.data import (
-    QUERIES_DIR,
-    DataLayoutError,
     NegativeSampler,
     WholeDataset,
     data_fingerprint,
-    load_image,
     load_split,
+    whole_dataset,
+)
+from netvlad_tutorial.dbstruct import (
+    QUERIES_DIR,
+    DataLayoutError,
     parse_db_struct,
     save_db_struct,
     struct_path,
-    whole_dataset,
 )
 from netvlad_tutorial.evaluate import pca_path
 from netvlad_tutorial.features import features_key, stored_local_features
-from netvlad_tutorial.model import build_model, centroids_path, make_model
+from netvlad_tutorial.files import load_torch_file
+from netvlad_tutorial.images import load_image
+from netvlad_tutorial.model import build_model, make_model
+from netvlad_tutorial.precision import resolve_precision
 from netvlad_tutorial.synthetic import city_is_current, make_synthetic_city
-from netvlad_tutorial.utils import cache_dir, default_data_root, load_torch_file, resolve_precision
+from netvlad_tutorial.utils import cache_dir, default_data_root
 from netvlad_tutorial.viz import to_image
 
 

@@ -7,13 +7,13 @@ import re
 import pytest
 from oracles import cli_error
 
-from netvlad_tutorial import model, pretrain, utils
+from netvlad_tutorial import backbone, precision, pretrain
 from netvlad_tutorial.config import ArgumentError
 
 
 @pytest.mark.parametrize("device", ["nonsense", "cuda:99", "tpu"])
 def test_a_device_error_names_the_flag(device, micro_city, tmp_path, capsys):
-    """utils.check_device (before `config`, so in words): each of its errors names --device."""
+    """precision.check_device (before `config`, so in words): each of its errors names --device."""
     err = cli_error(capsys, ["train", "--data-root", micro_city, "--out", tmp_path / "run",
                               "--device", device])
     assert f"'{device}'" in err and "--device" in err, err
@@ -22,16 +22,16 @@ def test_a_device_error_names_the_flag(device, micro_city, tmp_path, capsys):
 
 @pytest.mark.parametrize("requested, device", [("fp64", "cpu"), ("bf16", "meta")])
 def test_a_precision_error_names_the_setting_and_flag(requested, device, monkeypatch):
-    monkeypatch.delenv(utils.PRECISION_ENV, raising=False)
+    monkeypatch.delenv(precision.PRECISION_ENV, raising=False)
     with pytest.raises(ValueError) as info:
-        utils.resolve_precision(requested, device, verbose=False)
+        precision.resolve_precision(requested, device, verbose=False)
     assert "`precision`" in str(info.value) and "--precision" in str(info.value)
 
 
 def test_a_precision_error_from_the_environment_names_the_variable(monkeypatch):
-    monkeypatch.setenv(utils.PRECISION_ENV, "fp64")
-    with pytest.raises(ValueError, match=re.escape(f"${utils.PRECISION_ENV}")):
-        utils.resolve_precision("auto", "cpu", verbose=False)
+    monkeypatch.setenv(precision.PRECISION_ENV, "fp64")
+    with pytest.raises(ValueError, match=re.escape(f"${precision.PRECISION_ENV}")):
+        precision.resolve_precision("auto", "cpu", verbose=False)
 
 
 def test_pretrain_resume_and_overwrite_names_both(tmp_path, capsys):
@@ -48,7 +48,7 @@ def test_an_unknown_backbone_names_the_setting(micro_city, tmp_path, capsys):
                               "--device", "cpu", "--set", "backbone=nope"])
     assert "'nope'" in err and "`backbone`" in err, err
     with pytest.raises(ArgumentError) as info:
-        model.get_backbone("nope")
+        backbone.get_backbone("nope")
     assert info.value.arguments == {"backbone": "`backbone`"}
     assert "`backbone`" in str(info.value) and "vgg16_conv5" in str(info.value)
 

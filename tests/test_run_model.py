@@ -12,13 +12,16 @@ from torch import nn
 
 from netvlad_tutorial import distributed
 from netvlad_tutorial import train as tr
+from netvlad_tutorial.backbone import BACKBONES, Backbone
 from netvlad_tutorial.cli import main as cli_main
 from netvlad_tutorial.config import PRESETS, ArgumentError, TrainConfig
-from netvlad_tutorial.data import input_transform, load_split
+from netvlad_tutorial.data import load_split
 from netvlad_tutorial.evaluate import evaluate_checkpoint
-from netvlad_tutorial.model import BACKBONES, Backbone, build_model, make_model
+from netvlad_tutorial.files import load_torch_file
+from netvlad_tutorial.images import input_transform
+from netvlad_tutorial.model import build_model, make_model
 from netvlad_tutorial.run_model import ImageSource, LocalFeatureSource, RunModel
-from netvlad_tutorial.utils import load_torch_file, progress_hidden
+from netvlad_tutorial.utils import progress_hidden
 
 
 def _micro_config(city, **changes):

@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from netvlad_tutorial import model, weights
+from netvlad_tutorial import backbone, weights
+from netvlad_tutorial.backbone import build_encoder, vgg16_features
+from netvlad_tutorial.centroids import centroids_path
 from netvlad_tutorial.config import PRESETS
-from netvlad_tutorial.model import build_encoder, centroids_path, vgg16_features
 
 
 def _ship(folder, seed=0):
@@ -26,7 +27,7 @@ def _ship(folder, seed=0):
 
 
 def test_world_weights_load_and_are_listed_with_provenance(tmp_path, monkeypatch):
-    monkeypatch.setattr(model, "SHIPPED_DIR", tmp_path)
+    monkeypatch.setattr(backbone, "SHIPPED_DIR", tmp_path)
     state = _ship(tmp_path)
     encoder = build_encoder("world")
     assert encoder.weights_source == "world"
@@ -39,7 +40,7 @@ def test_world_weights_load_and_are_listed_with_provenance(tmp_path, monkeypatch
 
 
 def test_damaged_or_absent_world_weights_are_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(model, "SHIPPED_DIR", tmp_path)
+    monkeypatch.setattr(backbone, "SHIPPED_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match="pretrain"):
         build_encoder("world")
     assert "not shipped" in weights.list_weights()
@@ -69,7 +70,7 @@ def test_centroid_cache_names_stay_in_the_cache_folder_and_follow_the_weights(
     assert relative.parent == cache_dir()
     outside.write_bytes(b"y" * 11)  # the file changed: another key
     assert centroids_path(config.replace(weights=str(outside)), split) != path
-    monkeypatch.setattr(model, "SHIPPED_DIR", tmp_path)
+    monkeypatch.setattr(backbone, "SHIPPED_DIR", tmp_path)
     _ship(tmp_path, seed=0)
     first = centroids_path(config.replace(weights="world"), split)
     _ship(tmp_path, seed=1)

@@ -10,7 +10,7 @@ from netvlad_tutorial import data, evaluate, model, run_model
 from netvlad_tutorial import features as ft
 from netvlad_tutorial.config import PRESETS
 from netvlad_tutorial.model import build_model
-from netvlad_tutorial.utils import resolve_precision
+from netvlad_tutorial.precision import resolve_precision
 
 
 @pytest.fixture()

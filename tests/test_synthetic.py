@@ -10,10 +10,10 @@ from PIL import Image
 from scipy.spatial.distance import cdist
 
 from netvlad_tutorial import synthetic
-from netvlad_tutorial.data import (
+from netvlad_tutorial.data import load_split
+from netvlad_tutorial.dbstruct import (
     DATASETS_DIR,
     SPLITS,
-    load_split,
     parse_db_struct,
     save_db_struct,
     struct_path,

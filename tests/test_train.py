@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from netvlad_tutorial import train as tr
+from netvlad_tutorial.centroids import centroids_path
 from netvlad_tutorial.cli import main as cli_main
 from netvlad_tutorial.config import PRESETS, TrainConfig
 from netvlad_tutorial.data import load_split
 from netvlad_tutorial.evaluate import evaluate_checkpoint, pca_path
-from netvlad_tutorial.model import centroids_path, make_model, model_config
-from netvlad_tutorial.utils import load_torch_file
+from netvlad_tutorial.files import load_torch_file
+from netvlad_tutorial.model import make_model, model_config
 
 
 def _micro_config(city):
