@@ -86,7 +86,7 @@ class NegativeSampler:
         self.radius = float(db.posDistThr)
         self.tree = cKDTree(self.utm_db)
 
-    def num_negatives(self, query_index):
+    def count(self, query_index):
         """How many database images lie farther than `posDistThr` from the query."""
         near = self.tree.query_ball_point(self.utm_q[query_index], self.radius,
                                           return_length=True)
@@ -103,8 +103,8 @@ class NegativeSampler:
         Args:
             rng: a `np.random.Generator`.
         """
-        num_db, num_neg = len(self.utm_db), self.num_negatives(query_index)
-        if 2 * n > num_neg:
+        num_db, count = len(self.utm_db), self.count(query_index)
+        if 2 * n > count:
             # Few negatives: rejection would mostly draw repeats. Take this query's negatives
             # directly (computed now, not stored).
             negatives = np.flatnonzero(self.is_negative(query_index, np.arange(num_db)))
@@ -117,7 +117,7 @@ class NegativeSampler:
         picked = np.empty(0, dtype=np.int64)
         while len(picked) < n:
             missing = n - len(picked)
-            draws = rng.integers(0, num_db, size=2 * missing * num_db // num_neg + 8)
+            draws = rng.integers(0, num_db, size=2 * missing * num_db // count + 8)
             picked = np.concatenate([picked, draws[self.is_negative(query_index, draws)]])
             _, first = np.unique(picked, return_index=True)
             picked = picked[np.sort(first)]  # repeats dropped, order of drawing kept

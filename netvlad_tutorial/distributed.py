@@ -248,7 +248,7 @@ class Share:
     local: list
     global_: list
     active: bool
-    num_negatives: int  # in the whole global batch
+    batch_negatives: int  # in the whole global batch
 
 
 def batch_plan(neg_counts, batch_size):
@@ -270,7 +270,7 @@ def batch_plan(neg_counts, batch_size):
     return plan
 
 
-def share_loss(loss, num_negatives, share):
+def share_loss(loss, batch_negatives, share):
     """(loss to backpropagate, the global batch's loss) from this rank's `triplet_loss`.
 
     `triplet_loss` divides by the number of negatives of its batch; the global batch's loss
@@ -281,12 +281,12 @@ def share_loss(loss, num_negatives, share):
 
     Args:
         loss: this rank's `triplet_loss` (a scalar tensor).
-        num_negatives: the negatives in this rank's batch.
+        batch_negatives: the negatives in this rank's batch.
         share: this rank's `Share` of the batch (inactive: its loss counts 0).
     """
-    local_sum = loss * (num_negatives if share.active else 0.0)
-    value = all_reduce_sum(local_sum.detach().item()) / share.num_negatives
-    return local_sum * (world_size() / share.num_negatives), value
+    local_sum = loss * (batch_negatives if share.active else 0.0)
+    value = all_reduce_sum(local_sum.detach().item()) / share.batch_negatives
+    return local_sum * (world_size() / share.batch_negatives), value
 
 
 def announce(batch_size, lr):

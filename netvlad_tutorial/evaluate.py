@@ -388,7 +388,7 @@ def evaluate_checkpoint(data_root, split="test", checkpoint=None, untrained=Fals
     `per_query` names a CSV to write, one row per query (`write_per_query`).
 
     Returns:
-        dict with `recall@N` for N in `RECALL_VALUES`, plus `split`, `dim` and `num_queries`.
+        dict with `recall@N` for N in `RECALL_VALUES`, plus `split`, `dim` and `num_q`.
     """
     def error(message):
         return ArgumentError(message, **EVALUATE_ARGUMENTS)
@@ -437,7 +437,7 @@ def evaluate_checkpoint(data_root, split="test", checkpoint=None, untrained=Fals
                                     save=save_pca, ckpt=ckpt)
     recalls = evaluate_split(run, eval_split, config, device, per_query=per_query)
     result = {f"recall@{n}": float(r) for n, r in recalls.items()}
-    result.update(split=split, dim=int(model.out_dim), num_queries=int(eval_split.db.numQ),
+    result.update(split=split, dim=int(model.out_dim), num_q=int(eval_split.db.numQ),
                   model="untrained" if untrained and checkpoint is None else str(checkpoint))
     return result
 
@@ -498,7 +498,7 @@ def _evaluate_released(checkpoint, contents, data_root, split, name, device, pre
     recalls = evaluate_split(model, eval_split, config, device, stored=False,
                              per_query=per_query)
     result = {f"recall@{n}": float(r) for n, r in recalls.items()}
-    result.update(split=split, dim=int(model.out_dim), num_queries=int(eval_split.db.numQ),
+    result.update(split=split, dim=int(model.out_dim), num_q=int(eval_split.db.numQ),
                   model=str(checkpoint), format=info["format"])
     return result
 

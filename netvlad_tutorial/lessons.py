@@ -32,25 +32,25 @@ def project_negatives(db):
     return eval_positives(db), train_positives(db), NegativeSampler(db)
 
 
-def compare_negative_memory(db, num_sample_queries=1000, num_negatives=1000, seed=0):
+def compare_negative_memory(db, num_sample_queries=1000, n_neg_sample=1000, seed=0):
     """Time and peak memory of both ways to get positives and negatives for `db`, measured now.
 
     Returns:
         dict with `num_db`, `num_q`, `rows` (one `(approach, seconds, peak MiB)` per way) and
-        `sample_us`: the mean time of one `NegativeSampler.sample(q, num_negatives)` call in
-        microseconds (`num_negatives` is capped at a quarter of the database).
+        `sample_us`: the mean time of one `NegativeSampler.sample(q, n_neg_sample)` call in
+        microseconds (`n_neg_sample` is capped at a quarter of the database).
     """
     rows = [("seed: radius_neighbors + setdiff1d per query", *measure(seed_negative_lists, db)),
             ("project: positives + NegativeSampler", *measure(project_negatives, db))]
     sampler, rng = NegativeSampler(db), np.random.default_rng(seed)
-    num_negatives = min(num_negatives, db.numDb // 4)  # small databases have fewer images
+    n_neg_sample = min(n_neg_sample, db.numDb // 4)  # small databases have fewer images
     queries = rng.integers(0, db.numQ, num_sample_queries)
     start = time.perf_counter()
     for q in queries:
-        sampler.sample(q, num_negatives, rng)
+        sampler.sample(q, n_neg_sample, rng)
     sample_us = (time.perf_counter() - start) / len(queries) * 1e6
     return {"num_db": db.numDb, "num_q": db.numQ, "rows": rows, "sample_us": sample_us,
-            "num_negatives": num_negatives}
+            "n_neg_sample": n_neg_sample}
 
 
 def format_negative_memory(result):
@@ -61,6 +61,6 @@ def format_negative_memory(result):
     for name, seconds, mib in result["rows"]:
         size = f"{mib / 1024:.2f} GiB" if mib >= 1024 else f"{mib:.1f} MiB"
         lines.append(f"{name:<48}{seconds:>10.2f}{size:>20}")
-    lines.append(f"NegativeSampler.sample(q, {result['num_negatives']}): "
+    lines.append(f"NegativeSampler.sample(q, {result['n_neg_sample']}): "
                  f"{result['sample_us']:.0f} us per query")
     return "\n".join(lines)

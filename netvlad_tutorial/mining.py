@@ -45,8 +45,8 @@ descriptor distances to the query; sampled: the database indices drawn by the ne
 class NegativeCache:
     """The hard negatives chosen last time for each query: (numQ, n_neg) int64, -1 = empty."""
 
-    def __init__(self, num_queries, n_neg=10):
-        self.negatives = np.full((num_queries, n_neg), -1, dtype=np.int64)
+    def __init__(self, num_q, n_neg=10):
+        self.negatives = np.full((num_q, n_neg), -1, dtype=np.int64)
 
     def __getitem__(self, q):
         """The cached negatives of query `q`, without padding."""

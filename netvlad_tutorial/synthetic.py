@@ -521,8 +521,8 @@ def _save(image, path):
 def _make_split(root, split, preset, image_size, rng, styles, first_place, first_query):
     """Render one split's database and queries; return its `DbStruct`."""
     spacing, n_places = preset.place_spacing, preset.places_per_street
-    n_queries = preset.queries_per_street
-    n_queries = n_queries[split] if isinstance(n_queries, dict) else n_queries
+    q_per_street = preset.queries_per_street
+    q_per_street = q_per_street[split] if isinstance(q_per_street, dict) else q_per_street
     length = 2 * STREET_MARGIN + (n_places - 1) * spacing
     corner = np.add(ORIGIN, NEIGHBOURHOODS[split])
     supersample = 2 if image_size[1] <= 256 else 1  # small images: 2 x 2 rays per pixel
@@ -545,7 +545,7 @@ def _make_split(root, split, preset, image_size, rng, styles, first_place, first
                           root / db_names[-1])
                     utm_db.append(street.to_utm(x))
             place += 1
-        for _ in range(n_queries):
+        for _ in range(q_per_street):
             k = int(rng.integers(1, preset.num_yaws + 1))
             cam = query_camera(rng, xs[0], xs[-1], _yaw_heading(k, preset.num_yaws))
             q_names.append(_name(query, 1, k))

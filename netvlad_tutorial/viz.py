@@ -520,12 +520,12 @@ def _window(xy, shown, least=40):
     return max(least, float(np.abs(xy[shown]).max()) + 10) if len(shown) else least
 
 
-def query_drawer(split, mine=None, predictions=None, distances=None, num_negatives=40,
+def query_drawer(split, mine=None, predictions=None, distances=None, n_neg_sample=40,
                  shown=5, seed=0, window=None):
     """A function `draw(q)` -> Figure: query `q` on the map (left) and its images (right).
 
     What is drawn depends on the stage:
-    - default (01): positives within 10 m and 25 m, a sample of `num_negatives` negatives
+    - default (01): positives within 10 m and 25 m, a sample of `n_neg_sample` negatives
       (`data.NegativeSampler`, seeded); images: the query, its nearest training positives and
       sampled negatives, with their distance in metres.
     - `mine` (04): a function q -> `mining.MinedTuple` (e.g. a `mine_tuple` call); the map
@@ -581,7 +581,7 @@ def query_drawer(split, mine=None, predictions=None, distances=None, num_negativ
                               colour))
             ax.set_title(f"query {q}: top-{len(top)} retrieved, {correct.sum()} correct")
         else:
-            negatives = sampler.sample(q, num_negatives, np.random.default_rng(seed))
+            negatives = sampler.sample(q, n_neg_sample, np.random.default_rng(seed))
             plot_query_map(db.utmDb, db.utmQ, q, eval_pos[q], train_pos[q], negatives,
                            window=window or 60, ax=ax)
             positives = train_pos[q][:shown]

@@ -37,7 +37,7 @@ def test_both_approaches_agree_on_positives_and_negatives():
     for q in range(db.numQ):
         assert set(pos[q].tolist()) == set(seed_pos[q].tolist())
         assert set(train[q].tolist()) == set(seed_train[q].tolist())
-        assert sampler.num_negatives(q) == len(seed_neg[q])
+        assert sampler.count(q) == len(seed_neg[q])
         assert set(sampler.sample(q, 20, rng).tolist()) <= set(seed_neg[q].tolist())
 
 
@@ -61,7 +61,7 @@ def test_the_script_measures_the_scale_asked(monkeypatch, capsys):
     def fake(db, seed):
         calls.append((db.numDb, seed))
         return {"num_db": 24, "num_q": 2, "rows": [("a", 1.0, 2048.0), ("b", 0.5, 3.0)],
-                "sample_us": 7.0, "num_negatives": 5}
+                "sample_us": 7.0, "n_neg_sample": 5}
 
     monkeypatch.setattr(mining_bench, "compare_negative_memory", fake)
     mining_bench.main(["--scale", "0.5", "--seed", "3"])

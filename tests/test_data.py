@@ -194,7 +194,7 @@ def test_sampled_negatives_are_far_distinct_and_deterministic():
     rng = np.random.default_rng(0)
     for q in range(db.numQ):
         negatives = brute_negatives(db, q)
-        assert sampler.num_negatives(q) == len(negatives)
+        assert sampler.count(q) == len(negatives)
         for n in (1, 10, len(negatives) // 2 + 1, len(negatives)):  # rejection and direct paths
             s = sampler.sample(q, n, rng)
             assert s.dtype == np.int64 and len(s) == n and len(set(s.tolist())) == n
@@ -226,7 +226,7 @@ def test_too_few_negatives_is_an_error():
     db = _random_db(np.random.default_rng(7), num_q=3)
     sampler = NegativeSampler(db)
     with pytest.raises(ValueError, match="only"):
-        sampler.sample(0, sampler.num_negatives(0) + 1, np.random.default_rng(0))
+        sampler.sample(0, sampler.count(0) + 1, np.random.default_rng(0))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -219,7 +219,7 @@ def test_a_full_disk_in_epoch_0_loses_nothing_and_resume_writes_best(micro_city,
     tr.train(config, tmp_path, resume=True)
     assert load_torch_file(tmp_path / "best.pth")["epoch"] == 0
     result = evaluate_checkpoint(micro_city, checkpoint=tmp_path / "best.pth", precision="fp32")
-    assert result["num_queries"] == 8
+    assert result["num_q"] == 8
 
 
 def test_the_writer_on_a_full_disk_names_the_file_and_leaves_no_temporary(tmp_path,
@@ -460,7 +460,7 @@ def test_a_flat_folder_is_refused_for_training_and_evaluated_as_named(micro_city
                                     precision="fp32")
     expected = evaluate_checkpoint(micro_city, split="test",
                                       checkpoint=fast_run / "best.pth", precision="fp32")
-    assert result["split"] == "test" and result["num_queries"] == split.db.numQ
+    assert result["split"] == "test" and result["num_q"] == split.db.numQ
     assert {k: v for k, v in result.items() if k.startswith("recall")} == \
         {k: v for k, v in expected.items() if k.startswith("recall")}
 
@@ -545,7 +545,7 @@ def test_a_config_from_another_version(fast_run, micro_city, tmp_path, capsys):
     # evaluate can load it (the setting is not needed to build the model) ...
     result = evaluate_checkpoint(micro_city, checkpoint=tmp_path / "newer.pth",
                                     precision="fp32")
-    assert result["num_queries"] == 8
+    assert result["num_q"] == 8
     # ... but a run cannot be continued without it, and the message says which version.
     with pytest.raises(ValueError, match=r"future_setting.*9\.0\.0"):
         checkpoint_config(ckpt, tmp_path / "newer.pth", strict=True)
@@ -684,7 +684,7 @@ def test_tokyo247_by_name_and_split(fast_run, micro_city, tmp_path):
                    city / "netvlad_v100_datasets" / "datasets" / "tokyo247.mat")
     result = evaluate_checkpoint(city, split="test", name="tokyo247",
                                     checkpoint=fast_run / "best.pth", precision="fp32")
-    assert result["num_queries"] == test.numQ
+    assert result["num_q"] == test.numQ
     with pytest.raises(DataLayoutError, match="holds the 'test' split"):
         load_split(city, "val", name="tokyo247")
 

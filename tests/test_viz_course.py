@@ -101,7 +101,7 @@ def test_plot_retrievals_before_after_frames_from_positives(split):
 
 def test_query_drawer_default_map_and_strip(split):
     q, db = 3, split.db
-    fig = viz.query_drawer(split, num_negatives=8, seed=1)(q)
+    fig = viz.query_drawer(split, n_neg_sample=8, seed=1)(q)
     assert isinstance(fig, Figure)
     map_ax = next(ax for ax in fig.get_axes() if not ax.images)
     drawn = {c.get_label(): np.asarray(c.get_offsets()) for c in map_ax.collections}
@@ -149,7 +149,7 @@ def test_query_drawer_mining_and_predictions(split):
 
 def test_explore_queries_without_a_kernel_returns_the_figure(split, monkeypatch):
     monkeypatch.setitem(sys.modules, "ipywidgets", None)  # as if not installed
-    fig = viz.explore_queries(split, 2, num_negatives=4)
+    fig = viz.explore_queries(split, 2, n_neg_sample=4)
     assert isinstance(fig, Figure)
     strip = _images(fig)
     np.testing.assert_array_equal(strip[0].images[0].get_array(),
@@ -170,7 +170,7 @@ def test_explore_queries_slider_redraws_the_shown_figure(split, monkeypatch):
 
     monkeypatch.setattr(viz, "_widgets", lambda: ipywidgets)
     monkeypatch.setattr("IPython.display.display", display)
-    slider = viz.explore_queries(split, 0, num_negatives=4)
+    slider = viz.explore_queries(split, 0, n_neg_sample=4)
     assert isinstance(slider, ipywidgets.IntSlider)
     assert (slider.min, slider.max, slider.value) == (0, split.db.numQ - 1, 0)
     slider.value = 3
