@@ -6,7 +6,7 @@
 Each world size W starts W fresh processes (`torch.multiprocessing.spawn`, rendezvous on a free
 port of 127.0.0.1; W = 1 too, so that every variant starts alike). Each rank builds the same
 seeded VGG16-conv5 + NetVLAD (random weights: the speed does not depend on them), encodes one
-warm-up batch, and after a barrier times `features.compute_descriptors` over the first
+warm-up batch, and after a barrier times `features.encode_descriptors` over the first
 `--images` images of the split: its `distributed.shard` of them, then the exact gather of the
 float16 cache to every rank (included in the time). Printed: images/s, the speed-up over one
 process, and the largest difference between the W-rank cache and the 1-process one.
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from netvlad_tutorial import distributed  # noqa: E402
 from netvlad_tutorial.data import WholeDataset, load_split
-from netvlad_tutorial.features import compute_descriptors  # noqa: E402
+from netvlad_tutorial.features import encode_descriptors  # noqa: E402
 from netvlad_tutorial.images import input_transform
 from netvlad_tutorial.model import build_model
 
@@ -62,12 +62,12 @@ def _rank_main(rank, world, port, args, out_file):
         warm = torch.utils.data.Subset(images, range(args.batch_size))
         run = {"batch_size": args.batch_size, "num_workers": args.workers, "device": device,
                "precision": args.precision}
-        compute_descriptors(model, warm, label="warm-up", **run)
+        encode_descriptors(model, warm, label="warm-up", **run)
         distributed.barrier()
         if cuda:
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        cache = compute_descriptors(model, subset, label=f"{world} rank(s)", **run)
+        cache = encode_descriptors(model, subset, label=f"{world} rank(s)", **run)
         if cuda:
             torch.cuda.synchronize(device)
         distributed.barrier()

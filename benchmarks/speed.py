@@ -2,8 +2,8 @@
 
     python benchmarks/speed.py [--device cuda|cpu] [--json] [--no-save] [--gpu-extras]
 
-The package's variants call its own code: `features.compute_descriptors` (the one inference
-loop, `features.run_inference`) and `RunModel.train_step`. The reference is a Nanne-style loop.
+The package's variants call its own code: `features.encode_descriptors` (the one inference
+loop, `features.encode`) and `RunModel.train_step`. The reference is a Nanne-style loop.
 `gpu_extras` (CUDA only by default) is not the package: a pipeline of this script with uint8
 input normalized on the device, a device-side cache, `torch.compile` and nvjpeg.
 
@@ -41,7 +41,7 @@ from netvlad_tutorial.centroids import kmeans_centroids  # noqa: E402
 from netvlad_tutorial.config import TrainConfig  # noqa: E402
 from netvlad_tutorial.data import WholeDataset, load_split  # noqa: E402
 from netvlad_tutorial.dbstruct import SPLITS  # noqa: E402
-from netvlad_tutorial.features import compute_descriptors, run_inference  # noqa: E402
+from netvlad_tutorial.features import encode, encode_descriptors  # noqa: E402
 from netvlad_tutorial.files import atomic_write  # noqa: E402
 from netvlad_tutorial.images import IMAGENET_MEAN, IMAGENET_STD, input_transform, load_image  # noqa: E402
 from netvlad_tutorial.mining import triplet_loss  # noqa: E402
@@ -114,7 +114,7 @@ def variant_settings(name, device, compile=None, gpu_decode=None, precision="aut
     chosen = resolve_precision(precision, device, verbose=False)
     common = {"precision": chosen.name, "precision_reason": chosen.reason, "amp": chosen.bf16,
               "channels_last": chosen.channels_last, "pool": "vectorized"}
-    if name == "package":  # what `features.run_inference` and `RunModel.train_step` do
+    if name == "package":  # what `features.encode` and `RunModel.train_step` do
         return {"pipeline": "package", **common, "decode": "pil", "pin_memory": cuda,
                 "cudnn_benchmark": False, "device_cache": False, "compile": False}
     compile = cuda and hasattr(torch, "compile") if compile is None else compile
@@ -316,10 +316,10 @@ def script_cache_pass(model, paths, device, batch_size, settings, num_workers):
 
 
 def package_cache_pass(model, paths, device, batch_size, settings, num_workers):
-    """(N, K*D) float16 cache of the images at `paths` by `features.compute_descriptors`."""
+    """(N, K*D) float16 cache of the images at `paths` by `features.encode_descriptors`."""
     precision = resolve_precision(settings["precision"], device, verbose=False)
     dataset = JpegFiles(paths, input_transform())  # items (image (3, H, W), index)
-    return torch.from_numpy(compute_descriptors(model, dataset, batch_size, num_workers, device,
+    return torch.from_numpy(encode_descriptors(model, dataset, batch_size, num_workers, device,
                                                 precision, label="cache pass (package)"))
 
 
@@ -403,11 +403,11 @@ def load_images(paths):
 
 def encode_images(model, images, device, batch_size, settings):
     """(N, out_dim) float32 host array: `model`'s descriptors of `images` (N, 3, H, W), by the
-    package's inference loop (`features.run_inference`) in the variant's precision and layout."""
+    package's inference loop (`features.encode`) in the variant's precision and layout."""
     precision = Precision("bf16" if settings["amp"] else "fp32", settings["channels_last"],
                           "the variant's settings")
     dataset = [(image, i) for i, image in enumerate(images)]  # items `(image, index)`
-    return run_inference(model, dataset, batch_size, device=device, precision=precision,
+    return encode(model, dataset, batch_size, device=device, precision=precision,
                          dtype=np.float32, label=None)
 
 
@@ -727,7 +727,7 @@ def format_speed(result):
     s = result["package"]["settings"]
     lines.append("reference: this script's loop: fp32, NCHW, per-cluster loop NetVLAD, PIL in "
                  f"{result['num_workers']} DataLoader workers, .cpu() per batch")
-    lines.append("package: features.compute_descriptors and RunModel.train_step; "
+    lines.append("package: features.encode_descriptors and RunModel.train_step; "
                  f"auto = {s['precision']} ({s['precision_reason']})")
     if "gpu_extras" in result:
         g = result["gpu_extras"]

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .backbone import SHIPPED, VGG16, shipped_weights
 from .data import data_fingerprint
-from .features import as_precision, run_inference
+from .features import as_precision, encode
 from .files import atomic_save, load_torch_file
 from .netvlad import assignment_alpha
 from .precision import autocast_off
@@ -48,7 +48,7 @@ def sample_local_descriptors(encoder, dataset, num_images=500, per_image=100, ba
     """Random L2-normalized local descriptors from database images, for k-means.
 
     Reference: 100 random positions from each of 500 random database images. The images are
-    encoded by `features.run_inference`, one batch at a time, so that only a batch of whole
+    encoded by `features.encode`, one batch at a time, so that only a batch of whole
     feature maps is held at once.
 
     Args:
@@ -70,7 +70,7 @@ def sample_local_descriptors(encoder, dataset, num_images=500, per_image=100, ba
                       unit="batch", disable=progress_hidden()):
         batch = _Renumbered(dataset, images[start:start + batch_size])
         # Not sharded under torchrun: a rank that finds the centroid cache skips this pass.
-        x = run_inference(net, batch, batch_size, num_workers, device, precision,
+        x = encode(net, batch, batch_size, num_workers, device, precision,
                           dtype=np.float32, label=None, shard=False)  # `x`: (B, h*w, D)
         for xi in x:  # `xi`: (h*w, D)
             descs.append(xi[rng.choice(len(xi), min(per_image, len(xi)), replace=False)])

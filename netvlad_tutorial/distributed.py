@@ -9,7 +9,7 @@ answers as a single process would (rank 0 of 1), so the package runs exactly as 
 What is distributed (see the README, "Several GPUs or machines"):
 - inference passes (cache refreshes, evaluation descriptors, the frozen-encoder feature cache):
   each rank encodes its `shard` of the images, `gather_rows` reassembles the full array, in
-  image order, on every rank (`features.run_inference`);
+  image order, on every rank (`features.encode`);
 - training: `DistributedDataParallel` over each global batch of tuples (`batch_plan`,
   `share_loss`), so the update is the one of a single process with the global batch;
 - mining, validation: computed on rank 0 and broadcast (`broadcast_object`);

@@ -290,7 +290,7 @@ def dedup_panorama(pred_idx, db_image_names):
 # ---------------------------------------------------------------------------------------------
 
 
-def split_descriptors(model, split, config, device, features=None,
+def encode_split(model, split, config, device, features=None,
                       label="Caching descriptors", stored=True, key=None):
     """(db_desc, q_desc) of a split: one cache pass over database then queries.
 
@@ -305,15 +305,15 @@ def split_descriptors(model, split, config, device, features=None,
         key: the split's name in a `RunModel`'s storage ("val": the run's validation features).
     """
     run = as_run(model, config, device, features, stored)
-    desc_all = run.descriptors(split, key, label=label)  # (numDb + numQ, out_dim)
+    desc_all = run.encode_split(split, key, label=label)  # (numDb + numQ, out_dim)
     return desc_all[: split.db.numDb], desc_all[split.db.numDb:]
 
 
 def evaluate_split(model, split, config, device, n_values=RECALL_VALUES, features=None,
                    stored=True, key=None, per_query=None):
     """Recall@N on a split (evaluation positives: within posDistThr, 25 m); arguments as
-    `split_descriptors`, and `per_query`: a CSV file to write (`write_per_query`)."""
-    db_desc, q_desc = split_descriptors(model, split, config, device, features, stored=stored,
+    `encode_split`, and `per_query`: a CSV file to write (`write_per_query`)."""
+    db_desc, q_desc = encode_split(model, split, config, device, features, stored=stored,
                                         label=f"Evaluating ({split.db.whichSet})", key=key)
     positives = eval_positives(split.db)
     _, predictions = topk_search(q_desc, db_desc, max(n_values))  # (numQ, max N)
@@ -578,7 +578,7 @@ def load_or_fit_pca(model, config, train_split, device, pca_dim=None, checkpoint
                                 **EVALUATE_ARGUMENTS)
         print(f"PCA: {limit} dimensions, not the preset's {dim} (too little data)")
         dim = limit
-    db_desc, _ = split_descriptors(model, train_split, config, device,
+    db_desc, _ = encode_split(model, train_split, config, device,
                                    label="Descriptors for PCA")
     db_desc = db_desc[np.random.default_rng(config.seed).permutation(len(db_desc))[:10000]]
     layer = fit_pca_whitening(db_desc, dim)

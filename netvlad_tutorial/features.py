@@ -1,9 +1,9 @@
 """Stage 3 ("first run"): the descriptor of every image, computed once and stored compactly.
 
 Two caches live here:
-- `compute_descriptors`: the global descriptor (K*D, or the PCA dimension) of every image, the
+- `encode_descriptors`: the global descriptor (K*D, or the PCA dimension) of every image, the
   cache that mining reads (stage 4) and that evaluation searches (stage 6);
-- `compute_local_features`: the encoder's conv5 output of every image. When the encoder is
+- `encode_local_features`: the encoder's conv5 output of every image. When the encoder is
   frozen (the `tiny` preset trains only NetVLAD) this output never changes, so training runs
   the encoder once per image and then only the NetVLAD layer on these features.
 """
@@ -71,7 +71,7 @@ def _new_array(shape, dtype, out_path):
     return array
 
 
-def run_inference(model, dataset, batch_size=24, num_workers=0, device=None, precision=None,
+def encode(model, dataset, batch_size=24, num_workers=0, device=None, precision=None,
                   dtype=np.float16, out_path=None, label="Caching descriptors", shard=True):
     """`model`'s output for every item of `dataset`, as an array; the one inference loop.
 
@@ -129,7 +129,7 @@ def run_inference(model, dataset, batch_size=24, num_workers=0, device=None, pre
     if sharded:
         out = _gather_shards(parts, rows, num_rows, dtype, out_path)
     if out is None:
-        raise ValueError("run_inference got an empty dataset")
+        raise ValueError("encode got an empty dataset")
     if out_path is not None:
         out.flush()
     return out
@@ -149,12 +149,12 @@ def _gather_shards(parts, rows, num_rows, dtype, out_path):
     return distributed.gather_rows(part, indices, num_rows, out)
 
 
-def compute_descriptors(model, dataset, batch_size=24, num_workers=0, device=None,
+def encode_descriptors(model, dataset, batch_size=24, num_workers=0, device=None,
                         precision=None, dtype=np.float16, out_path=None,
                         label="Caching descriptors"):
     """(N, out_dim) array of `model`'s descriptors of every image of `dataset`.
 
-    Runs under `model.eval()` and `torch.no_grad()` (see `run_inference`). Each item of
+    Runs under `model.eval()` and `torch.no_grad()` (see `encode`). Each item of
     `dataset` is `(image (3, H, W), index)`, e.g. `data.WholeDataset`; a `FeatureDataset` with
     `model.head` as the model gives the same descriptors from cached local features.
 
@@ -165,11 +165,11 @@ def compute_descriptors(model, dataset, batch_size=24, num_workers=0, device=Non
         out_path: if given, a disk-backed `.npy` file holds the result instead of RAM
             (Pitts250k: about 100k × 32,768, 6 GiB in float16).
     """
-    return run_inference(model, dataset, batch_size, num_workers, device, precision, dtype,
+    return encode(model, dataset, batch_size, num_workers, device, precision, dtype,
                          out_path, label)
 
 
-def compute_local_features(encoder, dataset, batch_size=24, num_workers=0, device=None,
+def encode_local_features(encoder, dataset, batch_size=24, num_workers=0, device=None,
                            precision=None, storage="auto", out_path=None,
                            label="Encoding images once (frozen encoder)"):
     """(N, D, h, w) float16 array: the encoder's output for every image of `dataset`.
@@ -185,7 +185,7 @@ def compute_local_features(encoder, dataset, batch_size=24, num_workers=0, devic
         out_path: the `.npy` file for disk storage.
     """
     if any(p.requires_grad for p in encoder.parameters()):
-        raise ValueError("compute_local_features caches a frozen encoder only; this one has "
+        raise ValueError("encode_local_features caches a frozen encoder only; this one has "
                          "trainable parameters (its output changes as it trains)")
     device = torch.device(device) if device is not None else _model_device(encoder)
     image, _ = dataset[0]  # `image`: (3, H, W)
@@ -199,7 +199,7 @@ def compute_local_features(encoder, dataset, batch_size=24, num_workers=0, devic
         raise ValueError("storage='disk' needs out_path, the .npy file of the features")
     where = "in memory" if storage == "memory" else f"on disk ({out_path})"
     print(f"local features: {len(dataset):,} images x {shape} float16 = {mib:,.1f} MiB {where}")
-    return run_inference(encoder, dataset, batch_size, num_workers, device, precision,
+    return encode(encoder, dataset, batch_size, num_workers, device, precision,
                          np.float16, out_path if storage == "disk" else None, label)
 
 
@@ -213,7 +213,7 @@ class FeatureDataset(Dataset):
     """Cached local features as a dataset: item i is `(features[i] (D, h, w) float32, i)`.
 
     Args:
-        features: (N, D, h, w) array from `compute_local_features` (RAM or memmap).
+        features: (N, D, h, w) array from `encode_local_features` (RAM or memmap).
     """
 
     def __init__(self, features):
@@ -249,7 +249,7 @@ def features_key(encoder, dataset, precision):
 
 def stored_local_features(encoder, dataset, batch_size=24, num_workers=0, device=None,
                           precision=None, label="Encoding images once (frozen encoder)"):
-    """`compute_local_features` in memory, kept in `cache_dir()/features` for the next run.
+    """`encode_local_features` in memory, kept in `cache_dir()/features` for the next run.
 
     A frozen encoder gives the same features in every run (the course's notebooks 02 and 06
     encode the test split, 04 and 05 the train and val splits, all with the same random
@@ -259,7 +259,7 @@ def stored_local_features(encoder, dataset, batch_size=24, num_workers=0, device
 
     Returns:
         the (N, D, h, w) float16 array, or None when it would be larger than
-        `STORED_LIMIT_MIB` (real-scale splits: use `compute_local_features` with disk storage,
+        `STORED_LIMIT_MIB` (real-scale splits: use `encode_local_features` with disk storage,
         or the images) or `dataset` has no `paths` (only a `data.WholeDataset` is keyed).
     """
     device = torch.device(device) if device is not None else _model_device(encoder)
@@ -284,7 +284,7 @@ def stored_local_features(encoder, dataset, batch_size=24, num_workers=0, device
                 return features
             print(f"{display_path(path)} holds {features.shape} {features.dtype}, not "
                   f"{shape} finite float16: encoding again")
-    features = compute_local_features(encoder, dataset, batch_size, num_workers, device,
+    features = encode_local_features(encoder, dataset, batch_size, num_workers, device,
                                       precision, "memory", None, label)
     try:
         atomic_write(path, lambda f: np.save(f, features))

@@ -487,7 +487,7 @@ class TripletDataset(Dataset):
 
     Args:
         features: a frozen encoder's cached output for the whole split (numDb + numQ, D, h, w),
-            database first (`features.compute_local_features`). Given, the items hold these
+            database first (`features.encode_local_features`). Given, the items hold these
             features (float32) in place of the images, in the same layout.
     """
 

@@ -24,8 +24,8 @@ from .features import (
     IN_MEMORY_LIMIT_MIB,
     FeatureDataset,
     cache_memory_mib,
-    compute_descriptors,
-    compute_local_features,
+    encode_descriptors,
+    encode_local_features,
     stored_local_features,
 )
 from .mining import triplet_loss
@@ -102,7 +102,7 @@ class LocalFeatureSource:
         if storage != "disk" and self.stored:
             features = stored_local_features(self.frozen, dataset, **args)
         if features is None and required:  # large, or disk asked for: this run's own array
-            features = compute_local_features(self.frozen, dataset, storage=storage,
+            features = encode_local_features(self.frozen, dataset, storage=storage,
                                               out_path=path, **args)
         return features
 
@@ -188,7 +188,7 @@ class RunModel:
         return cls(make_model(config, train_split, device, init, precision), config, device,
                    precision, source)
 
-    def descriptors(self, split, key=None, label="Caching descriptors", work_dir=None):
+    def encode_split(self, split, key=None, label="Caching descriptors", work_dir=None):
         """float16 descriptors (numDb + numQ, out_dim) of `split`, database first.
 
         Args:
@@ -197,7 +197,7 @@ class RunModel:
                 `features.IN_MEMORY_LIMIT_MIB`), a disk-backed array in this folder holds them.
         """
         net, dataset, num_workers = self.source.inference(split, key, label)
-        return compute_descriptors(net, dataset, batch_size=self.config.cache_batch_size,
+        return encode_descriptors(net, dataset, batch_size=self.config.cache_batch_size,
                                    num_workers=num_workers, device=self.device,
                                    precision=self.precision, dtype=np.float16,
                                    out_path=self._descriptor_path(len(dataset), work_dir),

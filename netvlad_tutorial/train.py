@@ -143,7 +143,7 @@ def train_epoch(run, optimizer, state, config):
     total_loss, num_tuples, num_skipped = 0.0, 0, 0
     for start in range(0, len(queries), config.cache_refresh):
         # 1. Refresh the cache: descriptors of the whole training split with the current model.
-        cache = run.descriptors(state.split, "train", label="Refreshing cache",
+        cache = run.encode_split(state.split, "train", label="Refreshing cache",
                                 work_dir=state.work_dir)  # (numDb + numQ, out_dim) float16
         db_desc, q_desc = cache[:num_db], cache[num_db:]
         # 2. Mine: best positive and hard negatives for each query of this subset.

@@ -23,8 +23,8 @@ from netvlad_tutorial.data import load_split, whole_dataset
 from netvlad_tutorial.evaluate import evaluate_checkpoint
 from netvlad_tutorial.features import (
     FeatureDataset,
-    compute_descriptors,
-    compute_local_features,
+    encode_descriptors,
+    encode_local_features,
 )
 from netvlad_tutorial.model import make_model
 
@@ -71,9 +71,9 @@ def _worker(rank, port, city, out, single_ckpt):
         split = load_split(city, "train")
         model = make_model(config, split, torch.device("cpu"))
         images = CountingDataset(whole_dataset(split, config), _odd_count(split))
-        features = compute_local_features(model.encoder, images, batch_size=7, precision="fp32")
+        features = encode_local_features(model.encoder, images, batch_size=7, precision="fp32")
         counting = CountingDataset(FeatureDataset(features), len(features))
-        results["desc32"] = compute_descriptors(model.head, counting, batch_size=7,
+        results["desc32"] = encode_descriptors(model.head, counting, batch_size=7,
                                                 dtype=np.float32, precision="fp32")
         results["calls"], results["features"] = list(counting.calls), features
         # 2.-4. Training: straight 2 epochs (rank 1's folder must stay empty), and 1 + resume.
@@ -115,9 +115,9 @@ def test_two_rank_cache_equals_one_process_cache(session, micro_city):
     n = _odd_count(split)
     assert n % 2 == 1
     images = CountingDataset(whole_dataset(split, config), n)
-    single_features = compute_local_features(model.encoder, images, precision="fp32")
+    single_features = encode_local_features(model.encoder, images, precision="fp32")
     # The descriptors from the gathered features, in one process: the same inputs as the ranks'.
-    single32 = compute_descriptors(model.head, FeatureDataset(results[0]["features"]),
+    single32 = encode_descriptors(model.head, FeatureDataset(results[0]["features"]),
                                    dtype=np.float32, precision="fp32")
     for res in results:  # every rank holds the whole cache, in image order
         assert res["features"].shape == single_features.shape == (n, 512, 2, 3)

@@ -9,8 +9,8 @@ from netvlad_tutorial.config import PRESETS
 from netvlad_tutorial.data import load_split, whole_dataset
 from netvlad_tutorial.features import (
     FeatureDataset,
-    compute_descriptors,
-    compute_local_features,
+    encode_descriptors,
+    encode_local_features,
 )
 from netvlad_tutorial.files import load_torch_file
 from netvlad_tutorial.images import input_transform
@@ -47,12 +47,12 @@ def test_head_after_the_encoder_is_the_model():
 
 def test_descriptors_from_cached_features_equal_those_from_images(frozen, capsys):
     _, model, split, dataset = frozen
-    feats = compute_local_features(model.encoder, dataset, batch_size=16, precision="fp32")
+    feats = encode_local_features(model.encoder, dataset, batch_size=16, precision="fp32")
     n = split.db.numDb + split.db.numQ
     assert feats.dtype == np.float16 and feats.shape == (n, 512, 2, 3)
     assert f"{n:,} images x (512, 2, 3) float16" in capsys.readouterr().out  # size printed
-    plain = compute_descriptors(model, dataset, dtype=np.float32, precision="fp32")
-    cached = compute_descriptors(model.head, FeatureDataset(feats), dtype=np.float32,
+    plain = encode_descriptors(model, dataset, dtype=np.float32, precision="fp32")
+    cached = encode_descriptors(model.head, FeatureDataset(feats), dtype=np.float32,
                                  precision="fp32")
     # float16 features (10 bits of mantissa) change unit descriptors by about 1e-3
     np.testing.assert_allclose(cached, plain, atol=3e-3)
@@ -62,20 +62,20 @@ def test_descriptors_from_cached_features_equal_those_from_images(frozen, capsys
 def test_disk_storage_and_refusals(frozen, tmp_path):
     _, model, _, dataset = frozen
     path = tmp_path / "features.npy"
-    feats = compute_local_features(model.encoder, torch.utils.data.Subset(dataset, range(5)),
+    feats = encode_local_features(model.encoder, torch.utils.data.Subset(dataset, range(5)),
                                    storage="disk", out_path=path, precision="fp32")
     assert isinstance(feats, np.memmap)
     np.testing.assert_array_equal(np.load(path)[:5], np.asarray(feats)[:5])
     with pytest.raises(ValueError, match="out_path"):
-        compute_local_features(model.encoder, dataset, storage="disk")
+        encode_local_features(model.encoder, dataset, storage="disk")
     trainable = build_model(num_clusters=4)  # random weights: every layer trains
     with pytest.raises(ValueError, match="frozen encoder only"):
-        compute_local_features(trainable.encoder, dataset)
+        encode_local_features(trainable.encoder, dataset)
 
 
 def test_triplets_of_features_hold_each_image_features(frozen):
     config, model, split, dataset = frozen
-    feats = compute_local_features(model.encoder, dataset, precision="fp32")
+    feats = encode_local_features(model.encoder, dataset, precision="fp32")
     t = MinedTuple(query=3, positive=1, negatives=np.array([7, 0]), d_pos=0.0,
                    d_negs=np.zeros(2), sampled=np.array([]))
     args = (split.root, split.db, [t], input_transform(config.image_size), split.queries_dir)
@@ -130,10 +130,10 @@ def test_prefix_map_training_equals_the_plain_path(micro_city, tmp_path):
     assert isinstance(run.source, PrefixMapSource)
     # The prefix maps through the tail and the head are the model's descriptors.
     dataset = whole_dataset(split, config)
-    maps = compute_local_features(run.source.frozen, dataset, precision="fp32")
+    maps = encode_local_features(run.source.frozen, dataset, precision="fp32")
     assert maps.shape == (len(dataset), 512, 2, 3)  # pool4 of 32 x 48: stride 16
-    plain = compute_descriptors(run.model, dataset, dtype=np.float32, precision="fp32")
-    cached = compute_descriptors(run.source.rest, FeatureDataset(maps), dtype=np.float32,
+    plain = encode_descriptors(run.model, dataset, dtype=np.float32, precision="fp32")
+    cached = encode_descriptors(run.source.rest, FeatureDataset(maps), dtype=np.float32,
                                  precision="fp32")
     np.testing.assert_allclose(cached, plain, atol=3e-3)
     # Training: the same tuples and losses; the updates agree up to the float16 maps. Rounding

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from netvlad_tutorial.features import cache_memory_mib, compute_descriptors
+from netvlad_tutorial.features import cache_memory_mib, encode_descriptors
 
 
 class TinyNet(nn.Module):
@@ -52,14 +52,14 @@ def model():
 
 def test_matches_per_image_loop_fp32(model):
     data = RandomImages()
-    out = compute_descriptors(model, data, batch_size=4, dtype=np.float32, precision="fp32")
+    out = encode_descriptors(model, data, batch_size=4, dtype=np.float32, precision="fp32")
     assert out.dtype == np.float32 and out.shape == (11, 8)
     np.testing.assert_allclose(out, _loop(model, data), atol=1e-6)
 
 
 def test_default_is_float16_and_close_in_bf16(model):
     data = RandomImages()
-    out = compute_descriptors(model, data, batch_size=5, precision="bf16")
+    out = encode_descriptors(model, data, batch_size=5, precision="bf16")
     assert out.dtype == np.float16
     np.testing.assert_allclose(out.astype(np.float32), _loop(model, data), atol=3e-2)
 
@@ -67,7 +67,7 @@ def test_default_is_float16_and_close_in_bf16(model):
 def test_subset_rows_land_at_their_index(model):
     data = RandomImages()
     picked = [9, 2, 5]
-    out = compute_descriptors(model, Subset(data, picked), batch_size=2, dtype=np.float32,
+    out = encode_descriptors(model, Subset(data, picked), batch_size=2, dtype=np.float32,
                               precision="fp32")
     assert out.shape == (11, 8)
     np.testing.assert_allclose(out[picked], _loop(model, data)[picked], atol=1e-6)
@@ -78,7 +78,7 @@ def test_subset_rows_land_at_their_index(model):
 def test_memmap_output_is_float16_on_disk(model, tmp_path):
     data = RandomImages()
     path = tmp_path / "cache.npy"
-    out = compute_descriptors(model, data, batch_size=3, precision="fp32", out_path=path)
+    out = encode_descriptors(model, data, batch_size=3, precision="fp32", out_path=path)
     assert isinstance(out, np.memmap)
     on_disk = np.load(path)
     assert on_disk.dtype == np.float16 and on_disk.shape == (11, 8)
@@ -89,14 +89,14 @@ def test_memmap_output_is_float16_on_disk(model, tmp_path):
 @pytest.mark.parametrize("training", [True, False])
 def test_model_mode_restored(model, training):
     model.train(training)
-    compute_descriptors(model, RandomImages(n=3), precision="fp32")
+    encode_descriptors(model, RandomImages(n=3), precision="fp32")
     assert model.training is training
     assert all(m.training is training for m in model.modules())
 
 
 def test_rejects_float64(model):
     with pytest.raises(ValueError, match="float16 or float32"):
-        compute_descriptors(model, RandomImages(n=3), dtype=np.float64)
+        encode_descriptors(model, RandomImages(n=3), dtype=np.float64)
 
 
 def test_cache_memory_mib():

@@ -266,7 +266,7 @@ def test_evaluate_command_takes_a_released_file(micro_city, tmp_path, capsys):
     model, _ = load_model(path)
     split = data.load_split(micro_city, "test")
     dataset = data.WholeDataset(split.root, split.db, queries_dir=split.queries_dir)
-    desc = features.compute_descriptors(model, dataset, precision="fp32")
+    desc = features.encode_descriptors(model, dataset, precision="fp32")
     expected = evaluate.recall_at_n(desc[split.db.numDb:], desc[:split.db.numDb],
                                     data.eval_positives(split.db))
     assert {n: result[f"recall@{n}"] for n in expected} == pytest.approx(expected)

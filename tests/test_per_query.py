@@ -11,10 +11,10 @@ from netvlad_tutorial.config import PRESETS
 from netvlad_tutorial.data import load_split
 from netvlad_tutorial.evaluate import (
     RECALL_VALUES,
+    encode_split,
     evaluate_split,
     paired_from_csv,
     read_per_query,
-    split_descriptors,
 )
 from netvlad_tutorial.model import make_model
 
@@ -31,7 +31,7 @@ def test_per_query_rows_are_a_brute_force_ranking(micro_city, tmp_path):
     model = make_model(config, load_split(micro_city, "train"), torch.device("cpu"))
     path = tmp_path / "val.csv"
     recalls = evaluate_split(model, split, config, "cpu", stored=False, per_query=path)
-    db_desc, q_desc = split_descriptors(model, split, config, "cpu", stored=False)
+    db_desc, q_desc = encode_split(model, split, config, "cpu", stored=False)
     db, top_n = split.db, max(RECALL_VALUES)
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))

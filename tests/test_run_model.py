@@ -98,8 +98,8 @@ def test_sources_give_the_same_descriptors(micro_city, tiny_backbone):
     assert run.trainable is run.trainable  # built once
     plain = RunModel(run.model, config, "cpu", source=ImageSource)
     assert plain.precision == run.precision
-    cached = run.descriptors(split, "train").astype(np.float32)
-    images = plain.descriptors(split, "train").astype(np.float32)
+    cached = run.encode_split(split, "train").astype(np.float32)
+    images = plain.encode_split(split, "train").astype(np.float32)
     assert cached.shape == images.shape == (split.db.numDb + split.db.numQ, 4 * 16)
     np.testing.assert_allclose(cached, images, atol=2e-3)  # float16 storage
     trains = RunModel(make_model(config.replace(trainable="all"), split, "cpu"), config, "cpu")

@@ -33,11 +33,11 @@ def encoder_and_dataset(micro_city):
 
 def test_stored_equals_computed_and_is_read_back(store, encoder_and_dataset, monkeypatch, capsys):
     encoder, dataset = encoder_and_dataset
-    plain = ft.compute_local_features(encoder, dataset, batch_size=16, precision="fp32")
+    plain = ft.encode_local_features(encoder, dataset, batch_size=16, precision="fp32")
     first = ft.stored_local_features(encoder, dataset, batch_size=16, precision="fp32")
     assert np.array_equal(first, plain)
     assert len(list(store.glob("*.npy"))) == 1
-    monkeypatch.setattr(ft, "run_inference", lambda *a, **k: pytest.fail("encoded again"))
+    monkeypatch.setattr(ft, "encode", lambda *a, **k: pytest.fail("encoded again"))
     capsys.readouterr()
     again = ft.stored_local_features(encoder, dataset, batch_size=16, precision="fp32")
     assert np.array_equal(again, plain) and "read from" in capsys.readouterr().out
@@ -88,22 +88,22 @@ def test_split_descriptors_of_a_frozen_model_read_the_stored_features(store, mic
     split = data.load_split(micro_city, "val")
     net = model.make_model(config, data.load_split(micro_city, "train"), torch.device("cpu"))
     assert net.encoder_frozen
-    first = evaluate.split_descriptors(net, split, config, torch.device("cpu"))
-    run_inference = ft.run_inference
-    monkeypatch.setattr(ft, "run_inference", _only_the_head(run_inference))
-    again = evaluate.split_descriptors(net, split, config, torch.device("cpu"))
-    monkeypatch.setattr(ft, "run_inference", run_inference)
+    first = evaluate.encode_split(net, split, config, torch.device("cpu"))
+    encode = ft.encode
+    monkeypatch.setattr(ft, "encode", _only_the_head(encode))
+    again = evaluate.encode_split(net, split, config, torch.device("cpu"))
+    monkeypatch.setattr(ft, "encode", encode)
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
     # The images' path, for comparison: float16 features round what NetVLAD sees, no more.
     monkeypatch.setattr(run_model, "stored_local_features", lambda *a, **k: None)
-    plain = evaluate.split_descriptors(net, split, config, torch.device("cpu"))
+    plain = evaluate.encode_split(net, split, config, torch.device("cpu"))
     for a, b in zip(first, plain):
         np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-3)
 
 
-def _only_the_head(run_inference):
-    """`run_inference` that fails when given the encoder (images), not the NetVLAD head."""
+def _only_the_head(encode):
+    """`encode` that fails when given the encoder (images), not the NetVLAD head."""
     def run(net, dataset, *args, **kwargs):
         assert isinstance(dataset, ft.FeatureDataset), "the encoder ran again"
-        return run_inference(net, dataset, *args, **kwargs)
+        return encode(net, dataset, *args, **kwargs)
     return run
