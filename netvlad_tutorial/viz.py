@@ -975,10 +975,10 @@ SEARCH_COLOURS = {"exact": "0.35", "flat": "#3182bd", "ivfpq": "#e6550d", "hnsw"
 def plot_search_tradeoff(rows, sweeps=None, recall="recall@1"):
     """Recall against query time (left) and memory (right) of each kind of search.
 
-    Left: one point per row of `search.benchmark_search` (its default settings) and, for each
-    kind in `sweeps`, a line through the settings `search.sweep_search` tried, each point
-    labelled with its value (`nprobe` or `ef_search`); time is on a log scale. Right: each
-    index's memory in MiB (log scale), labelled with its size.
+    Left: for each kind in `sweeps`, a line through the settings `search.sweep_search` tried,
+    each point labelled with its value (`nprobe` or `ef_search`), and one point for each other
+    row of `search.benchmark_search` (a kind without a setting: exact, flat); time is on a log
+    scale. Right: each row's index memory in MiB (log scale), labelled with its size.
 
     Args:
         rows: `benchmark_search`'s rows (`index`, `query_ms`, `memory_mib`, `recall`).
@@ -995,8 +995,9 @@ def plot_search_tradeoff(rows, sweeps=None, recall="recall@1"):
             ax.annotate(str(r["value"]), (r["query_ms"], r[recall]), textcoords="offset points",
                         xytext=(3, -9), fontsize=7, color=SEARCH_COLOURS.get(kind))
     for row in rows:
-        ax.scatter(row["query_ms"], row[recall], s=60, color=SEARCH_COLOURS.get(row["index"]),
-                   edgecolors="black", zorder=3, label=f"{row['index']} (default settings)")
+        if row["index"] not in (sweeps or {}):
+            ax.scatter(row["query_ms"], row[recall], s=60, color=SEARCH_COLOURS.get(row["index"]),
+                       edgecolors="black", zorder=3, label=row["index"])
     ax.set_xscale("log")
     name = recall.replace("recall", "Recall")
     ax.set(xlabel="query time (ms per query, log scale)", ylabel=name,

@@ -139,7 +139,8 @@ def test_benchmark_returns_the_indexes_it_measured():
 def test_plot_search_tradeoff_draws_the_given_numbers():
     from netvlad_tutorial import viz
 
-    rows = [{"index": "flat", "query_ms": 2.0, "memory_mib": 40.0, "recall@1": 1.0},
+    rows = [{"index": "exact", "query_ms": 9.0, "memory_mib": 40.0, "recall@1": 1.0},
+            {"index": "flat", "query_ms": 2.0, "memory_mib": 40.0, "recall@1": 1.0},
             {"index": "ivfpq", "query_ms": 0.1, "memory_mib": 2.0, "recall@1": 0.8}]
     sweep = [{"setting": "nprobe", "value": v, "query_ms": t, "recall@1": r}
              for v, t, r in [(1, 0.05, 0.5), (8, 0.1, 0.8), (64, 0.6, 0.85)]]
@@ -148,7 +149,7 @@ def test_plot_search_tradeoff_draws_the_given_numbers():
     np.testing.assert_array_equal(line.get_xdata(), [0.05, 0.1, 0.6])
     np.testing.assert_array_equal(line.get_ydata(), [0.5, 0.8, 0.85])
     points = np.concatenate([c.get_offsets() for c in ax.collections])
-    np.testing.assert_array_equal(points, [[2.0, 1.0], [0.1, 0.8]])
+    np.testing.assert_array_equal(points, [[9.0, 1.0], [2.0, 1.0]])  # the swept kind: a line
     assert [t.get_text() for t in ax.texts] == ["1", "8", "64"]
-    assert [p.get_width() for p in mem_ax.patches] == [40.0, 2.0]
+    assert [p.get_width() for p in mem_ax.patches] == [40.0, 40.0, 2.0]
     assert ax.get_xscale() == "log" and mem_ax.get_xscale() == "log"
