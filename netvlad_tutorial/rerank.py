@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .mining import torch_threads
 from .utils import leave_progress, progress_hidden
 
 
@@ -80,15 +81,19 @@ def rerank(q_features, db_features, predictions, top_k=10, tolerance=1, label=No
         `reranked` (M, k): the predictions, the first `top_k` sorted by inliers (most first;
         equal counts keep the global order), and `inliers` (M, top_k): the counts in the
         original order (-1 for padding).
+
+    Runs on one torch thread: each pair is a (h*w, D) x (D, h*w) product, too small to share.
     """
     predictions = np.asarray(predictions)
     reranked = predictions.copy()
     inliers = np.full((len(predictions), top_k), -1, dtype=np.int64)
-    for j, row in enumerate(tqdm(predictions, desc=label, unit="query", leave=leave_progress(),
-                                 disable=label is None or progress_hidden())):
-        cand = row[:top_k]
-        counts = np.array([inlier_count(q_features[j], db_features[c], tolerance) if c >= 0
-                           else -1 for c in cand], dtype=np.int64)
-        reranked[j, :len(cand)] = cand[np.argsort(-counts, kind="stable")]
-        inliers[j, :len(cand)] = counts
+    bar = tqdm(predictions, desc=label, unit="query", leave=leave_progress(),
+               disable=label is None or progress_hidden())
+    with torch_threads(1):
+        for j, row in enumerate(bar):
+            cand = row[:top_k]
+            counts = np.array([inlier_count(q_features[j], db_features[c], tolerance) if c >= 0
+                               else -1 for c in cand], dtype=np.int64)
+            reranked[j, :len(cand)] = cand[np.argsort(-counts, kind="stable")]
+            inliers[j, :len(cand)] = counts
     return reranked, inliers
