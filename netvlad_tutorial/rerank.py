@@ -11,6 +11,10 @@ textures matches in scattered positions.
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
+
+from .mining import torch_threads
+from .utils import leave_progress, progress_hidden
 
 
 def _grid(features):
@@ -62,7 +66,7 @@ def inlier_count(fa, fb, tolerance=1):
     return translation_inliers(*mutual_nearest_neighbours(fa, fb), tolerance)[0]
 
 
-def rerank(q_features, db_features, predictions, top_k=10, tolerance=1):
+def rerank(q_features, db_features, predictions, top_k=10, tolerance=1, label=None):
     """Re-order each query's first `top_k` predictions by their inlier counts.
 
     Args:
@@ -71,19 +75,25 @@ def rerank(q_features, db_features, predictions, top_k=10, tolerance=1):
         predictions: (M, k) database indices from global search, nearest first (-1: none).
         top_k: how many candidates to re-rank; the rest keep their place.
         tolerance: grid cells of slack in the translation check.
+        label: a progress bar over the queries with this description (None: no bar).
 
     Returns:
         `reranked` (M, k): the predictions, the first `top_k` sorted by inliers (most first;
         equal counts keep the global order), and `inliers` (M, top_k): the counts in the
         original order (-1 for padding).
+
+    Runs on one torch thread: each pair is a (h*w, D) x (D, h*w) product, too small to share.
     """
     predictions = np.asarray(predictions)
     reranked = predictions.copy()
     inliers = np.full((len(predictions), top_k), -1, dtype=np.int64)
-    for j, row in enumerate(predictions):
-        cand = row[:top_k]
-        counts = np.array([inlier_count(q_features[j], db_features[c], tolerance) if c >= 0
-                           else -1 for c in cand], dtype=np.int64)
-        reranked[j, :len(cand)] = cand[np.argsort(-counts, kind="stable")]
-        inliers[j, :len(cand)] = counts
+    bar = tqdm(predictions, desc=label, unit="query", leave=leave_progress(),
+               disable=label is None or progress_hidden())
+    with torch_threads(1):
+        for j, row in enumerate(bar):
+            cand = row[:top_k]
+            counts = np.array([inlier_count(q_features[j], db_features[c], tolerance) if c >= 0
+                               else -1 for c in cand], dtype=np.int64)
+            reranked[j, :len(cand)] = cand[np.argsort(-counts, kind="stable")]
+            inliers[j, :len(cand)] = counts
     return reranked, inliers

@@ -4,15 +4,19 @@ Reads top to bottom: descriptors to search (`generated_descriptors`, any size) -
 each kind behind `build_index` and `search` ("exact": `evaluate.topk_search`; "flat": faiss'
 exhaustive L2; "ivfpq": an inverted file over k-means cells with product-quantized codes;
 "hnsw": a navigable small-world graph) -> `benchmark_search`: recall against exact search,
-query speed and memory of each. Distances are Euclidean (not squared), as `topk_search`'s.
+query speed and memory of each -> `sweep_search`: one index at several search settings (IVF's
+`nprobe`, HNSW's `efSearch`), the trade of speed for recall. Distances are Euclidean (not
+squared), as `topk_search`'s.
 """
 
 import time
 
 import faiss
 import numpy as np
+from tqdm import tqdm
 
 from .evaluate import recall_from_predictions, topk_search
+from .utils import leave_progress, progress_hidden
 
 INDEXES = ("exact", "flat", "ivfpq", "hnsw")
 
@@ -115,7 +119,7 @@ def knn_recall(pred, exact, k):
 
 
 def benchmark_search(db, q, k=10, kinds=INDEXES, positives=None, build=None, nprobe=8,
-                     ef_search=64):
+                     ef_search=64, label=None, return_indexes=False):
     """Each kind of search on the same descriptors: recall, speed and memory.
 
     Args:
@@ -124,34 +128,80 @@ def benchmark_search(db, q, k=10, kinds=INDEXES, positives=None, build=None, npr
         positives: optional per-query positives (e.g. `[[s] for s in source]`): adds the
             place-recognition Recall@1 and Recall@k of each kind.
         build: {kind: options for `build_index`}.
+        label: a progress bar over the kinds with this description (None: no bar).
+        return_indexes: also return {kind: the faiss index built} (for `sweep_search`).
 
     Returns:
         one dict per kind: `index`, `knn_recall` (of the exact top-k), `top1_agreement` (the
-        exact nearest neighbour found first), `build_s`, `query_ms` (per query, one thread
-        set by faiss), `memory_mib`, and `recall@1`, `recall@k` with `positives`.
+        exact nearest neighbour found first), `build_s`, `query_ms` (per query, the threads
+        faiss and torch are set to), `memory_mib`, and `recall@1`, `recall@k` with
+        `positives`; with `return_indexes`, (rows, indexes).
     """
     build = build or {}
     db = np.ascontiguousarray(db, dtype=np.float32)
     q = np.ascontiguousarray(q, dtype=np.float32)
-    _, exact = topk_search(q, db, k, device="cpu")
-    rows = []
-    for kind in kinds:
+    start = time.perf_counter()
+    _, exact = topk_search(q, db, k, device="cpu")  # the reference, timed as kind "exact"
+    exact_ms = 1000 * (time.perf_counter() - start) / len(q)
+    rows, indexes = [], {}
+    for kind in tqdm(kinds, desc=label, unit="index", leave=leave_progress(),
+                     disable=label is None or progress_hidden()):
         start = time.perf_counter()
         index = None if kind == "exact" else build_index(db, kind, **build.get(kind, {}))
         built = time.perf_counter()
         if index is None:
-            _, idx = topk_search(q, db, k, device="cpu")
-            memory = db.nbytes / 2**20
+            idx, query_ms, memory = exact, exact_ms, db.nbytes / 2**20
         else:
             _, idx = index_search(index, q, k, nprobe=nprobe, ef_search=ef_search)
+            query_ms = 1000 * (time.perf_counter() - built) / len(q)
             memory = index_memory_mib(index)
-        done = time.perf_counter()
+            indexes[kind] = index
         row = {"index": kind, "knn_recall": knn_recall(idx, exact, k),
                "top1_agreement": float(np.mean(idx[:, 0] == exact[:, 0])),
-               "build_s": built - start, "query_ms": 1000 * (done - built) / len(q),
-               "memory_mib": memory}
+               "build_s": built - start, "query_ms": query_ms, "memory_mib": memory}
         if positives is not None:
             recalls = recall_from_predictions(idx, positives, (1, k))
             row.update({f"recall@{n}": r for n, r in recalls.items()})
+        rows.append(row)
+    return (rows, indexes) if return_indexes else rows
+
+
+SWEEPS = {"ivfpq": ("nprobe", (1, 2, 4, 8, 16, 32, 64)),
+          "hnsw": ("ef_search", (16, 32, 64, 128, 256))}
+
+
+def sweep_search(index, q, positives, k=10, values=None, exact=None):
+    """One index searched at several settings: how much recall each bit of speed costs.
+
+    Args:
+        index: an IVF index (the setting is `nprobe`, cells visited) or an HNSW index
+            (`ef_search`, the search beam; at least `k`).
+        q: (M, D) queries; positives: per-query positives, as `recall_from_predictions`.
+        values: the settings to try (default `SWEEPS` of the index's kind).
+        exact: optional (M, >= k) exact neighbours: adds `knn_recall`.
+
+    Returns:
+        one dict per value: `setting` ("nprobe" or "ef_search"), `value`, `recall@1`,
+        `recall@k`, `query_ms` (per query), and `knn_recall` with `exact`.
+    """
+    if isinstance(index, faiss.IndexIVF):
+        setting = "nprobe"
+    elif isinstance(index, faiss.IndexHNSW):
+        setting = "ef_search"
+    else:
+        raise ValueError(f"{type(index).__name__} has no search setting to sweep; "
+                         "give an IVF or an HNSW index")
+    kind = "ivfpq" if setting == "nprobe" else "hnsw"
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    rows = []
+    for value in values or SWEEPS[kind][1]:
+        start = time.perf_counter()
+        _, idx = index_search(index, q, k, **{setting: value})
+        query_ms = 1000 * (time.perf_counter() - start) / len(q)
+        row = {"setting": setting, "value": value, "query_ms": query_ms}
+        row.update({f"recall@{n}": r
+                    for n, r in recall_from_predictions(idx, positives, (1, k)).items()})
+        if exact is not None:
+            row["knn_recall"] = knn_recall(idx, exact, k)
         rows.append(row)
     return rows

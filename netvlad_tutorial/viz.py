@@ -955,3 +955,54 @@ class LazyImages:
 
     def __getitem__(self, i):
         return split_image(self.split, int(i), query=self.query)
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebook 07: exact and approximate search
+# ---------------------------------------------------------------------------------------------
+
+SEARCH_COLOURS = {"exact": "0.35", "flat": "#3182bd", "ivfpq": "#e6550d", "hnsw": "#31a354"}
+
+
+def plot_search_tradeoff(rows, sweeps=None, recall="recall@1"):
+    """Recall against query time (left) and memory (right) of each kind of search.
+
+    Left: for each kind in `sweeps`, a line through the settings `search.sweep_search` tried,
+    each point labelled with its value (`nprobe` or `ef_search`), and one point for each other
+    row of `search.benchmark_search` (a kind without a setting: exact, flat); time is on a log
+    scale. Right: each row's index memory in MiB (log scale), labelled with its size.
+
+    Args:
+        rows: `benchmark_search`'s rows (`index`, `query_ms`, `memory_mib`, `recall`).
+        sweeps: optional {kind: `sweep_search`'s rows}.
+        recall: the row key drawn on the vertical axis.
+    """
+    fig = NotebookFigure(figsize=(11, 4.3), layout="constrained")
+    ax, mem_ax = fig.subplots(1, 2, width_ratios=[1.6, 1])
+    for kind, sweep in (sweeps or {}).items():
+        times = [r["query_ms"] for r in sweep]
+        ax.plot(times, [r[recall] for r in sweep], "-", color=SEARCH_COLOURS.get(kind), alpha=0.6,
+                marker=".", label=f"{kind}, {sweep[0]['setting']} swept")
+        for r in sweep:
+            ax.annotate(str(r["value"]), (r["query_ms"], r[recall]), textcoords="offset points",
+                        xytext=(3, -9), fontsize=7, color=SEARCH_COLOURS.get(kind))
+    for row in rows:
+        if row["index"] not in (sweeps or {}):
+            ax.scatter(row["query_ms"], row[recall], s=60, color=SEARCH_COLOURS.get(row["index"]),
+                       edgecolors="black", zorder=3, label=row["index"])
+    ax.set_xscale("log")
+    name = recall.replace("recall", "Recall")
+    ax.set(xlabel="query time (ms per query, log scale)", ylabel=name,
+           title=f"{name} against speed")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right")
+    labels = [row["index"] for row in rows]
+    mebibytes = np.array([row["memory_mib"] for row in rows], dtype=float)
+    bars = mem_ax.barh(labels, mebibytes,
+                       color=[SEARCH_COLOURS.get(label, "tab:blue") for label in labels])
+    mem_ax.bar_label(bars, labels=[_format_mib(mib) for mib in mebibytes], padding=4)
+    mem_ax.set_xscale("log")
+    mem_ax.set_xlim(mebibytes.min() / 3, mebibytes.max() * 10)
+    mem_ax.invert_yaxis()
+    mem_ax.set(xlabel="memory (MiB, log scale)", title="index memory")
+    return fig

@@ -95,3 +95,14 @@ def test_rerank_touches_only_the_top_k(top_k):
     reranked, _ = rerank(np.stack([query]), db, predictions, top_k=top_k, tolerance=0)
     np.testing.assert_array_equal(reranked[0, top_k:], predictions[0, top_k:])
     assert sorted(reranked[0, :top_k]) == sorted(predictions[0, :top_k])
+
+
+def test_rerank_progress_bar_changes_nothing(capsys):
+    query, same, scrambled, other = shifted_scene()
+    db, queries = np.stack([other, scrambled, same]), np.stack([query, query])
+    predictions = np.array([[0, 1, 2], [1, 2, 0]])
+    quiet = rerank(queries, db, predictions, top_k=3, tolerance=0)
+    shown = rerank(queries, db, predictions, top_k=3, tolerance=0, label="Re-ranking")
+    for a, b in zip(quiet, shown):
+        np.testing.assert_array_equal(a, b)
+    assert "Re-ranking" in capsys.readouterr().err

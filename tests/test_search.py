@@ -9,8 +9,10 @@ from netvlad_tutorial.search import (
     build_index,
     generated_descriptors,
     index_memory_mib,
+    index_search,
     knn_recall,
     search,
+    sweep_search,
 )
 
 BUILD = {"ivfpq": {"nlist": 8, "pq_m": 8, "pq_bits": 4}, "hnsw": {"hnsw_m": 8}}
@@ -90,3 +92,64 @@ def test_index_memory_is_the_serialized_size():
     assert index_memory_mib(index) * 2**20 == len(faiss.serialize_index(index))
     with pytest.raises(ValueError, match="unknown index"):
         build_index(db, "lsh")
+
+
+def hits(idx, source, n):
+    """Recall@n of predictions `idx` when each query's one positive is `source`, by a loop."""
+    return np.mean([s in row[:n] for s, row in zip(source, idx)])
+
+
+@pytest.mark.parametrize("kind, setting", [("ivfpq", "nprobe"), ("hnsw", "ef_search")])
+def test_sweep_search_recalls_equal_each_setting_searched_alone(kind, setting):
+    db, q, source = generated_descriptors(800, 30, 16, noise=0.8, seed=3)
+    positives = [np.array([s]) for s in source]
+    index = build_index(db, kind, **BUILD[kind])
+    _, truth = brute_force(q, db, 5)
+    rows = sweep_search(index, q, positives, k=5, values=(1, 4, 8), exact=truth)
+    assert [(r["setting"], r["value"]) for r in rows] == [(setting, v) for v in (1, 4, 8)]
+    for row in rows:
+        _, idx = index_search(index, q, 5, **{setting: row["value"]})
+        assert row["recall@1"] == pytest.approx(hits(idx, source, 1))
+        assert row["recall@5"] == pytest.approx(hits(idx, source, 5))
+        assert row["knn_recall"] == pytest.approx(
+            np.mean([len(set(i) & set(t)) / 5 for i, t in zip(idx, truth)]))
+        assert row["query_ms"] >= 0
+
+
+def test_sweep_search_refuses_an_index_without_a_setting():
+    db, q, source = generated_descriptors(50, 2, 8)
+    with pytest.raises(ValueError, match="no search setting"):
+        sweep_search(build_index(db, "flat"), q, [[s] for s in source])
+
+
+def test_benchmark_returns_the_indexes_it_measured():
+    db, q, source = generated_descriptors(400, 20, 16, noise=0.8, seed=4)
+    positives = [np.array([s]) for s in source]
+    rows, indexes = benchmark_search(db, q, k=5, positives=positives, build=BUILD, nprobe=2,
+                                     ef_search=8, return_indexes=True)
+    assert sorted(indexes) == ["flat", "hnsw", "ivfpq"]
+    for row in rows[1:]:
+        index = indexes[row["index"]]
+        assert index.ntotal == len(db)
+        assert row["memory_mib"] == index_memory_mib(index)
+        _, idx = index_search(index, q, 5, nprobe=2, ef_search=8)
+        assert row["recall@1"] == pytest.approx(hits(idx, source, 1))
+
+
+def test_plot_search_tradeoff_draws_the_given_numbers():
+    from netvlad_tutorial import viz
+
+    rows = [{"index": "exact", "query_ms": 9.0, "memory_mib": 40.0, "recall@1": 1.0},
+            {"index": "flat", "query_ms": 2.0, "memory_mib": 40.0, "recall@1": 1.0},
+            {"index": "ivfpq", "query_ms": 0.1, "memory_mib": 2.0, "recall@1": 0.8}]
+    sweep = [{"setting": "nprobe", "value": v, "query_ms": t, "recall@1": r}
+             for v, t, r in [(1, 0.05, 0.5), (8, 0.1, 0.8), (64, 0.6, 0.85)]]
+    ax, mem_ax = viz.plot_search_tradeoff(rows, {"ivfpq": sweep}).axes
+    (line,) = ax.lines
+    np.testing.assert_array_equal(line.get_xdata(), [0.05, 0.1, 0.6])
+    np.testing.assert_array_equal(line.get_ydata(), [0.5, 0.8, 0.85])
+    points = np.concatenate([c.get_offsets() for c in ax.collections])
+    np.testing.assert_array_equal(points, [[9.0, 1.0], [2.0, 1.0]])  # the swept kind: a line
+    assert [t.get_text() for t in ax.texts] == ["1", "8", "64"]
+    assert [p.get_width() for p in mem_ax.patches] == [40.0, 40.0, 2.0]
+    assert ax.get_xscale() == "log" and mem_ax.get_xscale() == "log"
