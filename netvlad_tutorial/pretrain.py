@@ -190,6 +190,29 @@ def accuracy(net, config, streets, device, precision):
     return tuple(hits / len(images))
 
 
+def first_losses(config, steps=2):
+    """The losses of the recipe's first `steps` steps, from its seed, in fp32 on the CPU.
+
+    Recorded in the shipped encoder's provenance, so that a test can check that the code here
+    still runs the recipe that made it (the second loss depends on the first update: the
+    learning rate, momentum and weight decay).
+    """
+    config = dataclasses.replace(config, precision="fp32", device="cpu")
+    device, precision = torch.device("cpu"), resolve_precision("fp32", "cpu", verbose=False)
+    net = PretrainNet(config.seed)
+    optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay, nesterov=True)
+    streets = chunk_streets(config, 0, world_styles(config.seed))
+    losses = []
+    for step in range(steps):
+        images, labels = world_batch(config.seed, (step,), streets, config.image_size,
+                                     config.batch_size)
+        loss, *_ = train_step(net, optimizer, to_input(images, device, precision),
+                              torch.from_numpy(labels), config, step, precision, device)
+        losses.append(round(loss, 6))
+    return losses
+
+
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
@@ -334,6 +357,7 @@ def export_encoder(net, out, config, seconds, device):
         "recipe": recipe(config), "commit": _git_commit(), "version": __version__,
         "hardware": cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(device),
         "device": device.type, "seconds": round(seconds), "final": final,
+        "first_losses": first_losses(config),
     }
     atomic_json(provenance, out / "provenance.json")
     print(f"Wrote {display_path(path)} (sha256 {provenance['sha256'][:12]}...), "
