@@ -83,16 +83,46 @@ def compare(a, b, label):
     return rows
 
 
+TABLE_START = "<!-- pretrained_encoder table: python experiments/pretrained_encoder.py --table -->"
+TABLE_END = "<!-- end of pretrained_encoder table -->"
+
+
+def render_table(result):
+    """The README's results table, from a result file: each paired comparison with McNemar's
+    exact p (fixed/broken queries) at R@1, R@5 and R@10."""
+    def cell(row):
+        return (f"{row['before']} → {row['after']} (+{row['fixed']}/−{row['broken']}, "
+                f"p = {row['p']:.2g})")
+    lines = ["| comparison (test queries) | R@1 | R@5 | R@10 |", "|---|---|---|---|"]
+    shelf = result["pretrained_vs_random"]
+    lines.append("| off the shelf: random → pretrained encoder | "
+                 + " | ".join(cell(shelf[f"R@{n}"]) for n in RECALLS) + " |")
+    for run in result["fine_tuned"]:
+        lines.append(f"| pretrained: off the shelf → fine-tuned, seed {run['seed']} | "
+                     + " | ".join(cell(run[f"R@{n}"]) for n in RECALLS) + " |")
+    lines.append(f"\nMean R@1 gain of fine-tuning: {result['mean_gain_r1']} points; learning rate "
+                 f"{result['lr']:g}, chosen on validation; {result['cpu']}, "
+                 f"precision {result['precision']}.")
+    return "\n".join([TABLE_START, *lines, TABLE_END])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--encoder", type=Path, required=True)
+    parser.add_argument("--encoder", type=Path)
+    parser.add_argument("--table", type=Path, default=None,
+                        help="print the README table of this result file and stop")
     parser.add_argument("--root", type=Path, default=None, help="default: the tiny city")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
     parser.add_argument("--base", default="tiny-imagenet", help="preset to start from")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.table:
+        print(render_table(json.loads(args.table.read_text())))
+        return None
+    if args.encoder is None:
+        parser.error("--encoder is required (or --table FILE)")
     root = args.root or ensure_synthetic_city()
     work = Path(tempfile.mkdtemp(prefix="pretrained_encoder."))
     start = time.perf_counter()

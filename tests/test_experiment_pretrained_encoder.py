@@ -41,3 +41,8 @@ def test_script_runs_and_reports_paired_tests(micro_city, tmp_path, monkeypatch)
                 row["fixed"] - row["broken"])
     gain = result["fine_tuned"][0]["R@1"]
     assert result["mean_gain_r1"] == round(gain["after"] - gain["before"], 1)
+    table = script.render_table(result)  # the README's table is this function of the file
+    rows = [r for r in table.splitlines() if r.startswith("| ") and "→" in r]
+    assert len(rows) == 1 + len(result["fine_tuned"])
+    r1 = result["fine_tuned"][0]["R@1"]
+    assert f"{r1['before']} → {r1['after']} (+{r1['fixed']}/−{r1['broken']}" in rows[1]
