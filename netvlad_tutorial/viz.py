@@ -914,6 +914,29 @@ def plot_pr_curves(curves, title=None):
     return fig
 
 
+def plot_recall_bars(recalls, n_values=(1, 5, 10), title=None):
+    """Recall@N of several methods as grouped bars: one group per method, one bar per N.
+
+    Args:
+        recalls: {label: {n: Recall@n as a fraction}} (as `evaluate.recall_from_predictions`
+            returns it), in the order to draw.
+        n_values: the N of each bar in a group.
+    """
+    fig = NotebookFigure(figsize=(max(6.0, 0.9 * len(recalls) + 2), 4.5), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(recalls))  # group centres
+    width = 0.8 / len(n_values)
+    for i, n in enumerate(n_values):
+        heights = [100 * r[n] for r in recalls.values()]
+        bars = ax.bar(x + (i - (len(n_values) - 1) / 2) * width, heights, width, label=f"R@{n}")
+        ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
+    ax.set_xticks(x, labels=list(recalls), rotation=30, ha="right")
+    ax.set(ylim=(0, 105), ylabel="Recall@N (%)", title=title or "Recall@N per method")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8, ncols=len(n_values))
+    return fig
+
+
 def plot_match_examples(db_images, query_images, S, gt_hard, gt_soft=None, num=3):
     """The most confident true and false best matches as image rows.
 

@@ -63,6 +63,22 @@ def test_plot_match_examples_rows_of_true_then_false_matches():
     assert axes[5].spines["left"].get_edgecolor() == to_rgba("red")
 
 
+def test_plot_recall_bars_heights_positions_and_labels():
+    recalls = {"average": {1: 0.25, 5: 0.5}, "NetVLAD": {1: 0.75, 5: 1.0},
+               "max": {1: 0.0, 5: 0.125}}
+    ax = viz.plot_recall_bars(recalls, n_values=(1, 5)).axes[0]
+    bars = ax.patches
+    assert len(bars) == 6  # 3 methods x 2 N, drawn N by N
+    heights = [b.get_height() for b in bars]
+    np.testing.assert_allclose(heights, [25, 75, 0, 50, 100, 12.5])
+    centres = [b.get_x() + b.get_width() / 2 for b in bars]
+    np.testing.assert_allclose(centres, [-0.2, 0.8, 1.8, 0.2, 1.2, 2.2])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["average", "NetVLAD", "max"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["R@1", "R@5"]
+    labels = [t.get_text() for t in ax.texts]
+    assert labels == ["25", "75", "0", "50", "100", "12"]
+
+
 def test_lazy_images_read_split_images(tiny_city):
     from netvlad_tutorial.data import load_split
 
