@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from .backbone import SHIPPED, VGG16, shipped_weights
 from .data import data_fingerprint
@@ -21,7 +20,7 @@ from .features import as_precision, encode
 from .files import atomic_save, load_torch_file
 from .netvlad import assignment_alpha
 from .precision import autocast_off
-from .utils import cache_dir, progress_hidden
+from .utils import cache_dir, progress_bar, progress_hidden
 
 
 def _num_db(dataset):
@@ -66,8 +65,9 @@ def sample_local_descriptors(encoder, dataset, num_images=500, per_image=100, ba
     net = _UnitLocalDescriptors(encoder).train(encoder.training)  # mode restored after each pass
     precision = as_precision(precision, device)  # chosen (and said) before the progress bar
     descs = []
-    for start in tqdm(range(0, len(images), batch_size), desc="Local descriptors for k-means",
-                      unit="batch", disable=progress_hidden()):
+    for start in progress_bar(range(0, len(images), batch_size),
+                              desc="Local descriptors for k-means", unit="batch",
+                              disable=progress_hidden()):
         batch = _Renumbered(dataset, images[start:start + batch_size])
         # Not sharded under torchrun: a rank that finds the centroid cache skips this pass.
         x = encode(net, batch, batch_size, num_workers, device, precision,

@@ -1,6 +1,7 @@
 """Command line: `python -m netvlad_tutorial <command> ...` (see `--help`)."""
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -156,6 +157,24 @@ def _kernel_transport(folder):
     return config
 
 
+@contextlib.contextmanager
+def _text_progress_bars():
+    """`$NETVLAD_PROGRESS=text` for the kernels started inside the block: the package's progress
+    bars are stored as their last text line (`squash_progress`), not as widgets, whose stored
+    form is a repr ("HBox(children=...") and a widget-state blob."""
+    from .utils import PROGRESS_ENV
+
+    saved = os.environ.get(PROGRESS_ENV)
+    os.environ[PROGRESS_ENV] = "text"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[PROGRESS_ENV]
+        else:
+            os.environ[PROGRESS_ENV] = saved
+
+
 def run_notebooks(paths, timeout=1200):
     """Execute each notebook in place (working directory: its folder), keeping the outputs."""
     import tempfile
@@ -177,7 +196,8 @@ def run_notebooks(paths, timeout=1200):
                                     resources={"metadata": {"path": str(path.parent)}},
                                     extra_arguments=["--InteractiveShell.display_page=True"])
             try:
-                client.execute()
+                with _text_progress_bars():
+                    client.execute()
             except CellExecutionError as err:  # the notebook on disk is left as it was
                 raise ValueError(f"{path}: {_failed_cell(nb)} failed: "
                                  f"{err.ename}: {err.evalue}") from None

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from .data import Split, check_root, eval_positives, load_split, train_positives
 from .dbstruct import (
@@ -18,7 +17,7 @@ from .dbstruct import (
     parse_db_struct,
 )
 from .images import check_image_file
-from .utils import display_path
+from .utils import display_path, progress_bar
 
 
 def _summary(counts):
@@ -32,7 +31,7 @@ def _check_images(paths, label, decode, roots=None):
     """(path, problem) for each image that is missing, not a file inside its root (`roots`:
     one per path), or does not open."""
     problems = []
-    for i, path in enumerate(tqdm(paths, desc=label, unit="img")):
+    for i, path in enumerate(progress_bar(paths, desc=label, unit="img")):
         try:
             check_image_file(path, None if roots is None else roots[i])
             with Image.open(path) as img:

@@ -15,13 +15,12 @@ import os
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm import tqdm
 
 from . import distributed
 from .config import TRAINABLE
 from .files import atomic_write, write_error
 from .precision import Precision, resolve_precision
-from .utils import cache_dir, display_path, leave_progress, progress_hidden
+from .utils import cache_dir, display_path, leave_progress, progress_bar, progress_hidden
 
 DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
 IN_MEMORY_LIMIT_MIB = 2048  # `storage="auto"`: larger caches go to a disk-backed array
@@ -111,8 +110,9 @@ def encode(model, dataset, batch_size=24, num_workers=0, device=None, precision=
     out = None
     try:
         with torch.no_grad():
-            for inputs, indices in tqdm(loader, desc=label, unit="batch", leave=leave_progress(),
-                                        disable=label is None or progress_hidden()):
+            for inputs, indices in progress_bar(loader, desc=label, unit="batch",
+                                                leave=leave_progress(),
+                                                disable=label is None or progress_hidden()):
                 inputs = precision.images(inputs.to(device, non_blocking=True))  # (B, ...)
                 with precision.autocast(device):
                     outputs = model(inputs)  # `outputs`: (B, ...)

@@ -25,12 +25,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from .data import NegativeSampler, Split
 from .dbstruct import QUERIES_DIR
 from .images import input_transform, load_image
-from .utils import leave_progress, progress_hidden
+from .utils import leave_progress, progress_bar, progress_hidden
 
 MinedTuple = namedtuple("MinedTuple",
                         ["query", "positive", "negatives", "d_pos", "d_negs", "sampled"])
@@ -462,9 +461,9 @@ def mine_triplets(queries, q_desc, db_desc, train_positives, sampler, rng, neg_c
                 items.append(([drawn(q, s) for q, s in zip(group, samples)], pool))
             yield select_group, items
 
-    with (torch_threads(num_threads), tqdm(total=len(queries), desc="Mining", unit="query",
-                                            leave=leave_progress(), disable=progress_hidden())
-          as bar,
+    with (torch_threads(num_threads),
+          progress_bar(total=len(queries), desc="Mining", unit="query", leave=leave_progress(),
+                       disable=progress_hidden()) as bar,
           ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool):
         for fn, items in batches():
             for result in (pool.map(fn, items) if pool is not None else map(fn, items)):

@@ -64,6 +64,14 @@ def check_device(name):
 
 PRECISION_ENV = "NETVLAD_PRECISION"
 PRECISIONS = ("auto", "fp32", "bf16")
+NOTEBOOK_DEFAULT = "fp32"  # what "auto" means in a Jupyter kernel without $NETVLAD_PRECISION
+
+
+def in_notebook():
+    """Whether this process is a Jupyter kernel (IPython's ZMQ shell), as the notebooks run."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
 
 
 def native_bf16(device):
@@ -191,18 +199,24 @@ _ANNOUNCED = set()
 def resolve_precision(requested="auto", device="cpu", verbose=True):
     """The `Precision` to run with on `device`: "auto", "fp32" or "bf16".
 
-    "auto" (the default) takes `$NETVLAD_PRECISION` when it is set, else bf16 only where the
-    device has bf16 instructions (`native_bf16`) and, on a CPU, bf16 also measured faster
-    (`cpu_bf16_speedup` at least `BF16_MIN_SPEEDUP`), fp32 otherwise: it never picks a path
-    slower than fp32. channels_last is used on CPU and CUDA, where it is the faster layout for
-    VGG16 in both precisions (measured: `benchmarks/README.md`). The choice is printed once per
-    process with its reason when `verbose`.
+    "auto" (the default) takes `$NETVLAD_PRECISION` when it is set; else, in a Jupyter kernel
+    (`in_notebook`), fp32 (`NOTEBOOK_DEFAULT`), so that every reader of the course gets the
+    stored numbers (`NETVLAD_PRECISION=auto` lets the machine choose there too); else, as on
+    the command line, bf16 only where the device has bf16 instructions (`native_bf16`) and, on
+    a CPU, bf16 also measured faster (`cpu_bf16_speedup` at least `BF16_MIN_SPEEDUP`), fp32
+    otherwise: it never picks a path slower than fp32. channels_last is used on CPU and CUDA,
+    where it is the faster layout for VGG16 in both precisions (measured:
+    `benchmarks/README.md`). The choice is printed once per process with its reason when
+    `verbose`.
     """
     device = torch.device(device)
     requested = requested or "auto"
     if requested == "auto" and os.environ.get(PRECISION_ENV):
         requested = os.environ[PRECISION_ENV].strip().lower()
         source = f"${PRECISION_ENV}"
+    elif requested == "auto" and in_notebook():
+        requested = NOTEBOOK_DEFAULT
+        source = f"the notebooks' default; {PRECISION_ENV}=auto lets this machine choose"
     else:
         source = None
     if requested not in PRECISIONS:

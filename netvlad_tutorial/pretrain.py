@@ -28,7 +28,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from . import __version__
 from .backbone import vgg16_features
@@ -36,7 +35,7 @@ from .config import ArgumentError, setting_text
 from .files import atomic_json, atomic_save, load_torch_file, remove_temporary_files
 from .images import IMAGENET_MEAN, IMAGENET_STD
 from .precision import cpu_model, resolve_precision
-from .utils import display_path
+from .utils import display_path, progress_bar
 from .world import NUM_STYLES, SKY_NAMES, facade_ppm, world_batch, world_street, world_styles
 
 ENCODER_FILE = "vgg16_world.pth"  # the exported encoder in a run folder (fp16 state dict)
@@ -302,7 +301,7 @@ def pretrain(config, out, resume=False, overwrite=False, max_minutes=None, max_s
                      "version": __version__}, out / "latest.pth")
 
     net.train()
-    bar = tqdm(total=config.steps, initial=step, desc="Pretraining", unit="step")
+    bar = progress_bar(total=config.steps, initial=step, desc="Pretraining", unit="step")
     while step < config.steps:
         if step // config.chunk_steps != chunk:
             chunk = step // config.chunk_steps

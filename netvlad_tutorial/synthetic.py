@@ -28,11 +28,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
-from tqdm import tqdm
 
 from .dbstruct import QUERIES_DIR, SPLITS, DbStruct, parse_db_struct, save_db_struct, struct_path
 from .files import atomic_json, atomic_write, fault_point, folder_lock
-from .utils import DATA_ENV, REPO_ROOT, default_data_root
+from .utils import DATA_ENV, REPO_ROOT, default_data_root, progress_bar
 
 DATASET_NAME = "synthetic"
 ORIGIN = (585_000.0, 4_477_000.0)  # UTM zone 17T (easting, northing), as in Pittsburgh
@@ -531,7 +530,7 @@ def _make_split(root, split, preset, image_size, rng, styles, first_place, first
     db_names, utm_db, q_names, utm_q = [], [], [], []
     place, query = first_place, first_query
     grid = _street_grid(rng, preset.streets[split], length, corner)
-    for origin, direction in tqdm(grid, desc=f"synthetic {split}", unit="street"):
+    for origin, direction in progress_bar(grid, desc=f"synthetic {split}", unit="street"):
         street = _make_street(rng, styles, origin, direction, length, ppm)
         look = database_look(rng)
         xs = STREET_MARGIN + np.arange(n_places) * spacing + rng.uniform(-1, 1, n_places)

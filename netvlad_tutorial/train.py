@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from . import __version__, distributed
 from .backbone import get_backbone
@@ -48,7 +47,7 @@ from .mining import (
 from .model import make_model, model_config
 from .precision import check_device, resolve_device
 from .run_model import RunModel
-from .utils import display_path, progress_hidden, set_seed, transient_progress
+from .utils import display_path, progress_bar, progress_hidden, set_seed, transient_progress
 
 # ---------------------------------------------------------------------------------------------
 # What a run costs, and its optimizer
@@ -215,7 +214,7 @@ def tuple_batches(tuples, run, state, config):
                 else {"batch_sampler": [share.local for share in plan]})
     loader = DataLoader(dataset, **batching, num_workers=run.source.num_workers,
                         collate_fn=collate_fn, pin_memory=run.device.type == "cuda")
-    bar = tqdm(loader, desc="Training", leave=False, disable=progress_hidden())
+    bar = progress_bar(loader, desc="Training", leave=False, disable=progress_hidden())
     for i, batch in enumerate(bar):
         yield batch, None if plan is None else plan[i]
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm as tqdm_auto
+from tqdm.std import tqdm as tqdm_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_ENV = "NETVLAD_DATA_ROOT"
@@ -136,3 +138,18 @@ def hidden_progress():
 def progress_hidden():
     """tqdm's `disable`: True inside `hidden_progress()`, else False."""
     return _HIDDEN_PROGRESS.get()
+
+
+PROGRESS_ENV = "NETVLAD_PROGRESS"
+
+
+def progress_bar(*args, **kwargs):
+    """A tqdm progress bar: a widget in a Jupyter kernel (`tqdm.auto`), text on stderr elsewhere.
+
+    `$NETVLAD_PROGRESS=text` asks for text bars everywhere: `run-notebooks` sets it for the
+    kernel, so that a stored notebook keeps each bar's last line, never a widget. Arguments are
+    tqdm's.
+    """
+    if os.environ.get(PROGRESS_ENV, "").strip().lower() == "text":
+        return tqdm_text(*args, **kwargs)
+    return tqdm_auto(*args, **kwargs)

@@ -351,14 +351,50 @@ class Markdown(str):
         return str(self)
 
 
-def show_source(*objects):
+def show_source(*objects, lines=None):
     """The source code of functions or classes as one Markdown Python block (no ANSI colours,
     unlike `%psource`, so that it reads the same on GitHub as in JupyterLab).
 
     Make it the last expression of a cell; its text form is the plain source.
+
+    Args:
+        lines: show only part of one object: its signature, then the lines from `first` to
+            `last` (inclusive), with `# ...` where lines are left out. `(first, last)` are
+            either line numbers counted from 1 at the `def` line, or two strings: the first
+            line that contains `first`, through the next line that contains `last`.
     """
     parts = [textwrap.dedent(inspect.getsource(obj)).rstrip() for obj in objects]
+    if lines is not None:
+        if len(parts) != 1:
+            raise ValueError("show_source(..., lines=) shows part of one object")
+        parts = [source_excerpt(parts[0], *lines)]
     return Markdown("```python\n" + "\n\n\n".join(parts) + "\n```")
+
+
+def source_excerpt(source, first, last):
+    """Lines `first`..`last` of `source` after its signature, `# ...` marking the gaps.
+
+    `first`, `last`: 1-based line numbers, or strings (see `show_source`).
+    """
+    src = source.splitlines()
+
+    def find(marker, start):
+        if isinstance(marker, int):
+            return marker - 1
+        for i in range(start, len(src)):
+            if marker in src[i]:
+                return i
+        raise ValueError(f"no line containing {marker!r} in the source")
+
+    start = find(first, 0)
+    stop = find(last, start)
+    if not 0 <= start <= stop < len(src):
+        raise ValueError(f"lines {first}..{last} are not in the {len(src)} lines of the source")
+    signature = next(i for i, line in enumerate(src) if line.rstrip().endswith(":")) + 1
+    indent = src[start][:len(src[start]) - len(src[start].lstrip())]
+    head = src[:signature] + [indent + "# ..."] if start > signature else src[:start]
+    tail = [indent + "# ..."] if stop < len(src) - 1 else []
+    return "\n".join(head + src[start:stop + 1] + tail)
 
 
 def markdown_table(header, rows, float_format=".1f"):

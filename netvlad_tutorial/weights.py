@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from .backbone import IMAGENET_URL, SHIPPED, imagenet_weights_path, shipped_weights
 from .checkpoints import detect_model_format
 from .config import ArgumentError
 from .files import atomic_write, folder_lock, load_torch_file, write_error
+from .utils import progress_bar
 
 WEIGHTS_URL_ENV = "NETVLAD_WEIGHTS_URL"
 
@@ -187,7 +187,7 @@ def fetch_url(url, dest, hash_prefix=None, progress=True, timeout=DOWNLOAD_TIMEO
                 raise ValueError(f"{url} announces {size:,} bytes, more than the {max_bytes:,} "
                                  "expected")
             cap = size if size is not None else max_bytes
-            with tqdm(total=size, unit="B", unit_scale=True, disable=not progress) as bar:
+            with progress_bar(total=size, unit="B", unit_scale=True, disable=not progress) as bar:
                 while block := response.read(1 << 16):
                     received += len(block)
                     if cap is not None and received > cap:

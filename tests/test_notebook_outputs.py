@@ -14,6 +14,9 @@ from netvlad_tutorial.cli import squash_progress
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 MAX_STDERR_CHUNKS = 40  # per notebook: a progress bar ends as one line, not one per update
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+# What a widget progress bar (`tqdm.auto` in a kernel) leaves in a stored output: its repr.
+WIDGET_REPR = re.compile(r"\b(HBox|VBox|FloatProgress|IntProgress|HTML)\(")
 
 
 def _text(output):
@@ -44,6 +47,11 @@ def test_stored_outputs_are_clean(path):
                 problems.append(f"cell {i}: warning in the output")
             if out.get("name") == "stderr":
                 stderr_chunks += 1 + text.count("\r")  # each update of a bar is a chunk
+            if WIDGET_REPR.search(text):
+                problems.append(f"cell {i}: widget repr {WIDGET_REPR.search(text).group(0)!r}")
+            view = out.get("data", {}).get(WIDGET_VIEW)
+            if view is not None and not text.startswith("IntSlider("):
+                problems.append(f"cell {i}: a stored widget other than the query slider")
         if cell.get("outputs") and cell.get("execution_count") is None:
             problems.append(f"cell {i}: outputs without an execution_count (nbval fails)")
     if stderr_chunks > MAX_STDERR_CHUNKS:
@@ -116,3 +124,36 @@ def test_run_notebooks_executes_in_place_quietly_and_leaves_no_socket_files(tmp_
     if os.name == "posix":
         assert "without encryption" not in run.stderr, run.stderr
         assert sorted(p.name for p in folder.iterdir()) == ["tiny.ipynb"]
+
+
+def test_run_notebooks_stores_progress_bars_as_text_not_widgets(tmp_path):
+    """In a kernel the package's bars are widgets (`tqdm.auto`); `run-notebooks` asks for text
+    bars, so that the stored notebook holds the bar's last line and no widget repr or state.
+    The kernel is also what `precision.in_notebook` recognizes."""
+    import subprocess
+    import sys
+
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(
+        "import os\nfrom netvlad_tutorial.utils import progress_bar, PROGRESS_ENV\n"
+        "for _ in progress_bar(range(3), desc='Counting'):\n    pass\n"
+        "del os.environ[PROGRESS_ENV]\n"
+        "from tqdm.notebook import tqdm as tqdm_notebook\n"
+        "print('widget:', isinstance(progress_bar(range(1), disable=True), tqdm_notebook))\n"
+        "from netvlad_tutorial.precision import in_notebook\n"
+        "print('notebook:', in_notebook())")]
+    path = tmp_path / "bars.ipynb"
+    path.write_text(nbformat.writes(nb), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k != "NETVLAD_PROGRESS"}
+    run = subprocess.run([sys.executable, "-m", "netvlad_tutorial", "run-notebooks", str(path)],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert run.returncode == 0, run.stderr
+    stored = nbformat.read(path, as_version=4)
+    outputs = stored.cells[0].outputs
+    assert [o.get("name") for o in outputs] == ["stderr", "stdout"], outputs
+    assert outputs[0]["text"].startswith("Counting: 100%|") and outputs[0]["text"].count("\n") == 1
+    # without the variable: a widget bar; and a kernel is a notebook ("auto" is fp32 there)
+    assert outputs[1]["text"] == "widget: True\nnotebook: True\n"
+    assert "widgets" not in stored.metadata and not WIDGET_REPR.search(path.read_text())

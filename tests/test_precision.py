@@ -75,6 +75,23 @@ def test_auto_on_cuda_follows_is_bf16_supported(monkeypatch, native):
     assert chosen.name == ("bf16" if native else "fp32")
 
 
+def test_auto_is_fp32_in_a_notebook_unless_the_variable_says_otherwise(monkeypatch):
+    _cpu(monkeypatch, True, True)  # a CPU where the command line's "auto" picks bf16
+    assert resolve_precision("auto", "cpu", verbose=False).name == "bf16"
+    monkeypatch.setattr(precision, "in_notebook", lambda: True)
+    chosen = resolve_precision("auto", "cpu", verbose=False)
+    assert chosen.name == "fp32" and "notebooks' default" in chosen.reason
+    assert resolve_precision("bf16", "cpu", verbose=False).name == "bf16"  # explicit wins
+    monkeypatch.setenv(PRECISION_ENV, "auto")  # the reader lets the machine choose
+    assert resolve_precision("auto", "cpu", verbose=False).name == "bf16"
+    monkeypatch.setenv(PRECISION_ENV, "bf16")
+    assert resolve_precision("auto", "cpu", verbose=False).name == "bf16"
+
+
+def test_in_notebook_is_false_outside_a_kernel():
+    assert not precision.in_notebook()  # pytest is no Jupyter kernel
+
+
 def test_forced_settings_and_the_environment_variable(monkeypatch):
     _cpu(monkeypatch, True, False)
     assert resolve_precision("fp32", "cpu", verbose=False).name == "fp32"

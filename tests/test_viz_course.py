@@ -201,3 +201,29 @@ def test_show_source_is_the_plain_source_in_one_python_block():
     assert "\x1b[" not in shown and repr(shown) == str(shown) == shown._repr_markdown_()
     method = viz.show_source(mining.NegativeCache.update)  # a method: dedented
     assert method.splitlines()[1].startswith("def update(")
+
+
+def test_show_source_lines_shows_the_signature_and_the_chosen_lines():
+    import inspect
+
+    import pytest
+
+    from netvlad_tutorial import mining, viz
+
+    source = inspect.getsource(mining.triplet_loss).rstrip().splitlines()
+    body = next(i for i, line in enumerate(source) if line.endswith(":")) + 1  # after the def
+    first = next(i for i, line in enumerate(source) if "= math.sqrt(margin)" in line)
+    last = first + 1  # the docstring and the last lines are left out
+    expected = (source[:body] + ["    # ..."] + source[first:last + 1]
+                + (["    # ..."] if last < len(source) - 1 else []))
+    by_number = viz.show_source(mining.triplet_loss, lines=(first + 1, last + 1))
+    assert by_number.splitlines()[1:-1] == expected
+    by_text = viz.show_source(mining.triplet_loss, lines=(source[first].strip(),
+                                                          source[last].strip()))
+    assert str(by_text) == str(by_number)
+    whole = viz.show_source(mining.triplet_loss, lines=(1, len(source)))
+    assert str(whole) == str(viz.show_source(mining.triplet_loss))  # nothing left out
+    with pytest.raises(ValueError, match="no line containing"):
+        viz.show_source(mining.triplet_loss, lines=("no such line", "return"))
+    with pytest.raises(ValueError, match="one object"):
+        viz.show_source(mining.triplet_loss, mining.collate_fn, lines=(1, 2))
