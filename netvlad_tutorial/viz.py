@@ -111,7 +111,12 @@ def plot_query_map(utm_db, utm_q, query_index, positives=None, train_positives=N
                label="query")
     for r in radii:
         ax.add_patch(Circle((0, 0), r, fill=False, ls="--", lw=1.2, color="0.3"))
-        ax.text(0, r + 1, f"{r:g} m", ha="center", va="bottom", fontsize=9, color="0.3")
+    # One label per circle where they are far enough apart on the map; else one for both.
+    apart = (far - near) / (2 * window) >= 0.05
+    labels = ([(r, f"{r:g} m") for r in radii] if apart
+              else [(far, " / ".join(f"{r:g}" for r in radii) + " m")])
+    for r, text in labels:
+        ax.text(0, r + 0.01 * window, text, ha="center", va="bottom", fontsize=9, color="0.3")
     ax.set(xlim=(-window, window), ylim=(-window, window), aspect="equal",
            xlabel="east of the query (m)", ylabel="north of the query (m)",
            title=f"query {query_index}")
@@ -239,12 +244,14 @@ def plot_recall_curves(curves, n_marks=(1, 5, 10, 20)):
     return fig
 
 
-def plot_training_log(history):
+def plot_training_log(history, before=None):
     """Training loss (left) and validation Recall@N (right) per epoch.
 
     Args:
         history: one dict per epoch with keys `epoch`, `loss` and `recall@N` (fractions),
             as `train.train` returns it.
+        before: the validation `recall@N` of the model before training (e.g. the untrained
+            model's `evaluate_split`), drawn at the left of the first epoch, marked "before".
     """
     fig = NotebookFigure(figsize=(10, 3.8), layout="constrained")
     loss_ax, recall_ax = fig.subplots(1, 2)
@@ -253,13 +260,21 @@ def plot_training_log(history):
     loss_ax.set(xlabel="epoch", ylabel="loss", title="training loss")
     recall_keys = sorted((k for k in history[0] if k.startswith("recall@")),
                          key=lambda k: int(k.split("@")[1]))
+    start = epochs[0] - 1  # where the `before` point goes
     for key in recall_keys:
-        recall_ax.plot(epochs, [100 * row[key] for row in history], "o-", label=f"R@{key[7:]}")
+        xs, ys = epochs, [100 * row[key] for row in history]
+        if before is not None and key in before:
+            xs, ys = [start, *xs], [100 * before[key], *ys]
+        recall_ax.plot(xs, ys, "o-", label=f"R@{key[7:]}")
     recall_ax.set(xlabel="epoch", ylabel="Recall@N (%)", title="validation recall")
-    recall_ax.legend(fontsize=9)
+    recall_ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     for ax in (loss_ax, recall_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
+    if before is not None:
+        ticks = [t for t in recall_ax.get_xticks() if epochs[0] <= t <= epochs[-1]]
+        recall_ax.set_xticks([start, *ticks], ["before", *(f"{t:g}" for t in ticks)])
+        recall_ax.set_xlim(start - 0.5, epochs[-1] + 0.5)
     return fig
 
 
@@ -583,7 +598,7 @@ def query_drawer(split, mine=None, predictions=None, distances=None, n_neg_sampl
     def draw(q):
         xy = np.asarray(db.utmDb, dtype=float) - np.asarray(db.utmQ, dtype=float)[q]  # (N, 2)
         metres = np.linalg.norm(xy, axis=1)  # (N,)
-        fig = NotebookFigure(figsize=(17, 6.4), layout="constrained")
+        fig = NotebookFigure(figsize=(12, 5.2), layout="constrained")
         map_fig, strip_fig = fig.subfigures(1, 2, width_ratios=(1, 1.9))
         ax = map_fig.subplots()
         cells = [(split_image(split, q, query=True), f"query {q}", None)]  # (image, title, frame)

@@ -250,3 +250,22 @@ def test_make_figures_writes_small_pngs(tmp_path):
         assert path.read_bytes()[:8] == PNG_SIGNATURE
         assert path.stat().st_size < 200_000
         assert Image.open(path).width > 1000
+
+
+def test_radius_labels_stay_apart_on_a_zoomed_out_map(street):
+    """Near the query both circles are labelled; zoomed out, one label names both radii."""
+    def labels(window):
+        ax = viz.plot_query_map(*street, 1, window=window).axes[0]
+        return sorted(t.get_text() for t in ax.texts)
+    assert labels(40) == ["10 m", "25 m"]
+    assert labels(360) == ["10 / 25 m"]
+
+
+def test_plot_training_log_starts_at_the_model_before_training():
+    history = [{"epoch": e, "loss": 1.0, "recall@1": 0.2 + e / 10, "recall@5": 0.5}
+               for e in range(3)]
+    fig = viz.plot_training_log(history, before={"recall@1": 0.1, "recall@5": 0.4})
+    recall_ax = fig.axes[1]
+    np.testing.assert_allclose(recall_ax.lines[0].get_xdata(), [-1, 0, 1, 2])
+    np.testing.assert_allclose(recall_ax.lines[0].get_ydata(), [10, 20, 30, 40])
+    assert recall_ax.get_xticklabels()[0].get_text() == "before"
