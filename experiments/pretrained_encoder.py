@@ -2,15 +2,15 @@
 McNemar's exact test for every paired comparison on the tiny city's test split.
 
 Three models, evaluated on the same test queries, one `--per-query` file each:
-- off-the-shelf random: a random VGG16 with k-means NetVLAD (the `tiny` preset untrained);
-- off-the-shelf pretrained: the pretrained encoder (`--encoder`, the output of `pretrain`) with
-  k-means NetVLAD, untrained;
-- fine-tuned: the same start, conv5 and NetVLAD trained (the paper's setting), one run per
-  `--seeds`, the best epoch by validation R@5 as `train` keeps it.
-The learning rate is chosen on validation (`--lrs`, first seed), never on test.
+- off-the-shelf random: a random VGG16 with k-means NetVLAD (`tiny-random` untrained);
+- off-the-shelf pretrained: the pretrained encoder (`--encoder`: default the one shipped in the
+  package, `world`; or a file `pretrain` wrote) with k-means NetVLAD, untrained;
+- fine-tuned: the same start, conv5 and NetVLAD trained (the paper's setting: the `tiny`
+  preset), one run per `--seeds`, the best epoch by validation R@5 as `train` keeps it.
+The recipe is the preset's, chosen on validation by `experiments/tiny_recipes.py`; with more
+than one `--lrs`, the learning rate is chosen here on validation (first seed), never on test.
 
-    python experiments/pretrained_encoder.py --encoder runs/pretrain/vgg16_world.pth \\
-        --json experiments/results/pretrained_encoder.json
+    python experiments/pretrained_encoder.py --json experiments/results/pretrained_encoder.json
 """
 
 import argparse
@@ -39,8 +39,8 @@ from netvlad_tutorial.synthetic import ensure_synthetic_city  # noqa: E402
 RECALLS = (1, 5, 10)
 
 
-def pretrained_config(root, encoder, lr, seed, base="tiny-imagenet"):
-    """The tiny city from `encoder`: conv5 and NetVLAD train (the `tiny-imagenet` recipe)."""
+def pretrained_config(root, encoder, lr, seed, base="tiny"):
+    """The tiny city from `encoder`: conv5 and NetVLAD train (`base`'s recipe, at `lr`)."""
     return PRESETS[base].replace(data_root=str(root), weights=str(encoder), lr=lr, seed=seed)
 
 
@@ -109,20 +109,22 @@ def render_table(result):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--encoder", type=Path)
+    parser.add_argument("--encoder", default="world",
+                        help="the shipped encoder (default, `world`) or a `pretrain` file")
     parser.add_argument("--table", type=Path, default=None,
                         help="print the README table of this result file and stop")
     parser.add_argument("--root", type=Path, default=None, help="default: the tiny city")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
-    parser.add_argument("--base", default="tiny-imagenet", help="preset to start from")
+    parser.add_argument("--lrs", type=float, nargs="+", default=None,
+                        help="learning rates to choose from on validation (default: the "
+                             "preset's)")
+    parser.add_argument("--base", default="tiny", help="preset to start from")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.table:
         print(render_table(json.loads(args.table.read_text())))
         return None
-    if args.encoder is None:
-        parser.error("--encoder is required (or --table FILE)")
+    args.lrs = args.lrs or [PRESETS[args.base].lr]
     root = args.root or ensure_synthetic_city()
     work = Path(tempfile.mkdtemp(prefix="pretrained_encoder."))
     start = time.perf_counter()
@@ -130,7 +132,7 @@ def main(argv=None):
               "precision": os.environ.get("NETVLAD_PRECISION", "auto")}
 
     with quiet():
-        random_csv = untrained_file(PRESETS["tiny"].replace(data_root=str(root)), root,
+        random_csv = untrained_file(PRESETS["tiny-random"].replace(data_root=str(root)), root,
                                     work / "random.csv")
         shelf_csv = untrained_file(pretrained_config(root, args.encoder, args.lrs[0],
                                                      args.seeds[0], args.base),

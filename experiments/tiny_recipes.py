@@ -1,13 +1,17 @@
-"""Choose the `tiny` preset's recipe by validation, then report the chosen one on test.
+"""Choose a tiny preset's recipe by validation, then report the chosen one on test.
 
-Trains the preset and a few variations of it on the tiny synthetic city, each in its own run
+Trains the preset (`--preset`: `tiny`, the pretrained encoder with conv5 and NetVLAD training,
+or `tiny-random`) and a few variations of it on the tiny synthetic city, each in its own run
 folder, and ranks them by the best epoch's validation R@5 (then R@1), as `train` picks
 `best.pth`. The test split is evaluated only after the choice, for the chosen recipe and the
-preset, so that the test numbers never steer it. The frozen encoder's features are encoded once
-and read back by every run (`features.stored_local_features`), so a recipe costs seconds.
+preset, so that the test numbers never steer it. The frozen part of the encoder runs once per
+image and is read back by every run (`features.stored_local_features`).
 
-    python experiments/tiny_recipes.py                  # fp32, as on a CPU without native bf16
-    python experiments/tiny_recipes.py --precision auto
+    python experiments/tiny_recipes.py --json experiments/results/tiny_recipes.json
+    python experiments/tiny_recipes.py --preset tiny-random --precision auto
+
+With `--json`, each finished recipe is written at once and skipped when the command is run
+again: an interrupted search resumes where it stopped.
 """
 
 import argparse
@@ -24,49 +28,87 @@ sys.path.insert(0, str(ROOT))
 
 from netvlad_tutorial import config as cf  # noqa: E402
 from netvlad_tutorial import evaluate, train  # noqa: E402
+from netvlad_tutorial.files import atomic_json  # noqa: E402
+from netvlad_tutorial.precision import cpu_model  # noqa: E402
 from netvlad_tutorial.synthetic import ensure_synthetic_city  # noqa: E402
 
-RECIPES = [  # changes to the `tiny` preset
+RECIPES = {  # changes to each preset
+    "tiny": [
+        {}, {"lr": 3e-3, "epochs": 4, "patience": 4}, {"lr": 3e-2},
+        {"lr": 1e-2, "epochs": 4, "patience": 4, "lr_step": 1, "lr_gamma": 0.5},
+        {"n_neg": 10}, {"margin": 0.3},
+    ],
+    "tiny-random": [
     {}, {"lr": 3e-2}, {"lr": 1e-1}, {"epochs": 20, "patience": 20},
     {"n_neg_sample": 300, "n_neg_dist": 100}, {"margin": 0.2}, {"margin": 0.05},
     {"batch_size": 8}, {"batch_size": 2}, {"optimizer": "adam", "lr": 1e-3},
     {"optimizer": "adam", "lr": 1e-2}, {"n_neg": 8}, {"lr": 3e-2, "n_neg": 8},
-]
+    ],
+}
 
 
 def run(changes, base, out):
-    """Train one recipe quietly; (best epoch's row, seconds)."""
+    """Train one recipe quietly; its row: the changes, the best epoch, the validation recalls
+    of every epoch (%) and the seconds it took."""
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         history = train.train(base.replace(**changes), out, overwrite=True)
     best = max(history, key=lambda r: (r["recall@5"], r["recall@1"], -r["epoch"]))
-    return best, time.perf_counter() - start
+    return {"changes": changes, "best": best,
+            "val_by_epoch": [[round(100 * r[f"recall@{n}"], 1) for n in (1, 5)]
+                             for r in history],
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def recalls(result):
+    return {n: round(100 * result[f"recall@{n}"], 1) for n in (1, 5, 10)}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default=str(ROOT / "data" / "synthetic_tiny"))
+    parser.add_argument("--preset", default="tiny", choices=sorted(RECIPES))
     parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="write the table here, recipe by recipe (and resume from it)")
     args = parser.parse_args()
     root = ensure_synthetic_city(args.data_root)
-    base = cf.PRESETS["tiny"].replace(data_root=str(root), precision=args.precision)
-    rows = []
+    base = cf.PRESETS[args.preset].replace(data_root=str(root), precision=args.precision)
+    table = {"preset": args.preset, "precision": args.precision, "cpu": cpu_model(),
+             "rows": []}
+    if args.json and args.json.is_file():
+        table = json.loads(args.json.read_text())
+    done = {json.dumps(r["changes"], sort_keys=True): r for r in table["rows"]}
     with tempfile.TemporaryDirectory() as tmp:
-        for i, changes in enumerate(RECIPES):
-            best, seconds = run(changes, base, Path(tmp) / f"r{i}")
-            rows.append((changes, best, seconds, Path(tmp) / f"r{i}" / "best.pth"))
-            print(f"{json.dumps(changes):42} best epoch {best['epoch']:2d}  val R@1/5/10 "
-                  + " / ".join(f"{100 * best[f'recall@{n}']:.1f}" for n in (1, 5, 10))
-                  + f"  ({seconds:.0f} s)", flush=True)
-        ranked = sorted(rows, key=lambda r: (-r[1]["recall@5"], -r[1]["recall@1"]))
+        for i, changes in enumerate(RECIPES[args.preset]):
+            row = done.get(json.dumps(changes, sort_keys=True))
+            if row is None:
+                row = run(changes, base, Path(tmp) / f"r{i}")
+                table["rows"].append(row)
+                if args.json:
+                    atomic_json(table, args.json)
+            print(f"{json.dumps(changes):60} best epoch {row['best']['epoch']:2d}  val R@1/5 by "
+                  "epoch " + ", ".join(f"{a}/{b}" for a, b in row["val_by_epoch"])
+                  + f"  ({row['seconds']:.0f} s)", flush=True)
+        ranked = sorted(table["rows"],
+                        key=lambda r: (-r["best"]["recall@5"], -r["best"]["recall@1"]))
         chosen = ranked[0]
-        print(f"\nchosen by validation R@5 (then R@1): {json.dumps(chosen[0])}")
-        for label, row in (("chosen", chosen), ("the preset", rows[0])):
-            with contextlib.redirect_stderr(io.StringIO()):
-                result = evaluate.evaluate_checkpoint(root, "test", checkpoint=row[3],
+        print(f"\nchosen by validation R@5 (then R@1): {json.dumps(chosen['changes'])}")
+        table["chosen"] = chosen["changes"]
+        for label, changes in (("chosen", chosen["changes"]), ("the preset", {})):
+            out = Path(tmp) / f"test-{label.replace(' ', '-')}"
+            with contextlib.redirect_stdout(io.StringIO()), \
+                    contextlib.redirect_stderr(io.StringIO()):
+                train.train(base.replace(**changes), out, overwrite=True)
+                result = evaluate.evaluate_checkpoint(root, "test", checkpoint=out / "best.pth",
                                                       precision=args.precision)
+            table[f"test_{label.replace(' ', '_')}"] = recalls(result)
             print(f"test, {label:10}: R@1/5/10 "
-                  + " / ".join(f"{100 * result[f'recall@{n}']:.1f}" for n in (1, 5, 10)))
+                  + " / ".join(str(v) for v in recalls(result).values()))
+            if not changes or chosen["changes"] == {}:
+                break
+    if args.json:
+        atomic_json(table, args.json)
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def main(argv=None):
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     root = ensure_synthetic_city(args.data_root)
-    base = cf.PRESETS["tiny"].replace(data_root=str(root), precision=args.precision)
+    base = cf.PRESETS["tiny-random"].replace(data_root=str(root), precision=args.precision)
     runs = {name: [] for name in RECIPES}
     print(f"{device_name()}, precision {args.precision}, seeds {args.seeds}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:

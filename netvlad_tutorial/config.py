@@ -264,15 +264,26 @@ def old_trainable(train_all, freeze_encoder, weights):
 
 
 PRESETS = {
-    # The synthetic city on 2 CPU cores: about a minute. Random initialization (no ImageNet
-    # weights offline), so only the NetVLAD layer trains, on top of fixed random VGG16 features.
-    # Training the whole random encoder on 96 queries did not generalize in our runs: the test
-    # recall jumped around the untrained one, and SGD at lr 3e-3 or 1e-2 collapsed the
-    # descriptors (see notebook 05 and the README). lr: chosen by validation R@5 among the
-    # recipes of `benchmarks/tiny_recipes.py` (README, "Choosing the recipe"). Batch: the
-    # reference's 4 tuples; batch 2, which one seed's validation preferred, ties with it over 8
-    # seeds (`benchmarks/tiny_seeds.py`).
+    # The synthetic city on 2 CPU cores, the paper's setting at tiny scale: the encoder
+    # pretrained on the synthetic world (`weights="world"`, shipped in the package: the
+    # course's ImageNet), conv1..pool4 frozen and encoded once (`run_model.PrefixMapSource`),
+    # conv5 and NetVLAD trained. Recipe: chosen by validation among those of
+    # `experiments/tiny_recipes.py` (README, "Choosing the recipe").
     "tiny": TrainConfig(
+        dataset="synthetic", image_size=(96, 128), num_clusters=16, weights="world",
+        trainable="conv5", lr=1e-2, lr_step=100, epochs=3, patience=3, batch_size=4,
+        n_neg=4, n_neg_sample=200, n_neg_dist=50, cache_batch_size=32, num_workers=0,
+        kmeans_images=100, kmeans_per_image=20, kmeans_iters=50, pca_dim=64,
+    ),
+    # The tiny city from a random encoder (what `tiny` was before the pretrained encoder), for
+    # the course's "why pretraining matters". Random initialization, so only the NetVLAD layer
+    # trains, on top of fixed random VGG16 features. Training the whole random encoder on 96
+    # queries did not generalize in our runs: the test recall jumped around the untrained one,
+    # and SGD at lr 3e-3 or 1e-2 collapsed the descriptors. lr: chosen by validation R@5 among
+    # the recipes of `experiments/tiny_recipes.py --preset tiny-random`. Batch: the
+    # reference's 4 tuples; batch 2, which one seed's validation preferred, ties with it over 8
+    # seeds (`experiments/tiny_seeds.py`).
+    "tiny-random": TrainConfig(
         dataset="synthetic", image_size=(96, 128), num_clusters=16, weights=None,
         trainable="netvlad", lr=1e-2, lr_step=100, epochs=10, patience=10, batch_size=4,
         n_neg=4, n_neg_sample=200, n_neg_dist=50, cache_batch_size=32, num_workers=0,

@@ -45,9 +45,9 @@ def test_estimate_run_pitts250k_and_max_queries():
 def test_tiny_imagenet_preset_without_the_file_warns_and_continues(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache: no ImageNet file
     config = PRESETS["tiny-imagenet"]
-    tiny = PRESETS["tiny"]
+    tiny = PRESETS["tiny-random"]
     assert (config.weights, config.trainable, config.lr) == ("imagenet", "conv5", 1e-3)
-    # The same city settings and batch; tiny trains NetVLAD alone, at its own learning rate.
+    # The same city settings and batch; tiny-random trains NetVLAD alone, at its own rate.
     assert config.replace(weights=None, trainable="netvlad", lr=1e-2) == tiny
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")

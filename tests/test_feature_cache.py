@@ -20,7 +20,7 @@ from netvlad_tutorial.model import build_model, make_model
 
 def _frozen_config(city, **changes):
     """The micro configuration with the encoder frozen (as the tiny preset), fp32."""
-    config = PRESETS["tiny"].replace(
+    config = PRESETS["tiny-random"].replace(
         data_root=str(city), image_size=(32, 48), num_clusters=4, epochs=2, n_neg=2,
         n_neg_sample=20, n_neg_dist=10, cache_refresh=8, kmeans_images=20, kmeans_per_image=4,
         kmeans_iters=10, precision="fp32", lr=0.1, device="cpu", trainable="netvlad")

@@ -20,7 +20,7 @@ from netvlad_tutorial.model import make_model
 
 
 def _config(city):
-    return PRESETS["tiny"].replace(
+    return PRESETS["tiny-random"].replace(
         data_root=str(city), image_size=(32, 48), num_clusters=4, kmeans_images=20,
         kmeans_per_image=4, kmeans_iters=10, precision="fp32", device="cpu")
 

@@ -8,7 +8,7 @@ from netvlad_tutorial import config as cf
 
 
 def _micro_config(city):
-    return cf.PRESETS["tiny"].replace(
+    return cf.PRESETS["tiny-random"].replace(
         data_root=str(city), image_size=(32, 48), num_clusters=4, kmeans_images=20,
         kmeans_per_image=4, kmeans_iters=10, precision="fp32", device="cpu")
 

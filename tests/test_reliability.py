@@ -558,7 +558,7 @@ def test_a_config_from_another_version(fast_run, micro_city, tmp_path, capsys):
 
 def test_old_configs_with_amp_load():
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    base = {k: v for k, v in dataclasses.asdict(PRESETS["tiny"]).items()
+    base = {k: v for k, v in dataclasses.asdict(PRESETS["tiny-random"]).items()
             if k not in ("amp", "precision")}
     assert "precision" in names and "amp" not in names
     on = TrainConfig.from_dict({**base, "amp": True, "image_size": [96, 128]})

@@ -26,7 +26,7 @@ from netvlad_tutorial.utils import progress_hidden
 
 def _micro_config(city, **changes):
     """The tiny preset shrunk to seconds (as in test_train), fp32."""
-    return PRESETS["tiny"].replace(
+    return PRESETS["tiny-random"].replace(
         data_root=str(city), image_size=(32, 48), num_clusters=4, epochs=1, n_neg=2,
         n_neg_sample=20, n_neg_dist=10, cache_refresh=8, kmeans_images=20, kmeans_per_image=4,
         kmeans_iters=10, precision="fp32", lr=1e-2, device="cpu", trainable="netvlad").replace(
@@ -134,17 +134,17 @@ def test_every_setting_is_checked(field, value, words):
 
 
 def test_settings_from_text_are_typed():
-    config = PRESETS["tiny"].with_settings(["lr=0.5", "max_queries=none", "image_size=32,48",
+    config = PRESETS["tiny-random"].with_settings(["lr=0.5", "max_queries=none", "image_size=32,48",
                                             "feature_cache=false", "batch-size=8"])
     assert (config.lr, config.max_queries, config.image_size, config.feature_cache,
             config.batch_size) == (0.5, None, (32, 48), False, 8)
     unchanged = {f.name for f in dataclasses.fields(config)} - {
         "lr", "max_queries", "image_size", "feature_cache", "batch_size"}
-    assert all(getattr(config, k) == getattr(PRESETS["tiny"], k) for k in unchanged)
+    assert all(getattr(config, k) == getattr(PRESETS["tiny-random"], k) for k in unchanged)
     for bad, named in [("lr=fast", "lr=fast"), ("colour=red", "colour=red"), ("lr", "lr"),
                        ("epochs=0", "epochs")]:
         with pytest.raises(ArgumentError, match=named):
-            PRESETS["tiny"].with_settings([bad])
+            PRESETS["tiny-random"].with_settings([bad])
 
 
 @pytest.mark.parametrize("setting,named", [("nope=1", "nope=1"), ("lr=x", "lr=x"),

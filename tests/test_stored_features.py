@@ -27,7 +27,7 @@ def encoder_and_dataset(micro_city):
     for p in encoder.parameters():
         p.requires_grad_(False)
     split = data.load_split(micro_city, "train")
-    config = PRESETS["tiny"].replace(data_root=str(micro_city), image_size=(32, 48))
+    config = PRESETS["tiny-random"].replace(data_root=str(micro_city), image_size=(32, 48))
     return encoder, data.whole_dataset(split, config)
 
 
@@ -82,7 +82,7 @@ def test_large_arrays_are_not_kept(store, encoder_and_dataset, monkeypatch):
 
 def test_split_descriptors_of_a_frozen_model_read_the_stored_features(store, micro_city,
                                                                       monkeypatch):
-    config = PRESETS["tiny"].replace(
+    config = PRESETS["tiny-random"].replace(
         data_root=str(micro_city), image_size=(32, 48), num_clusters=4, kmeans_images=20,
         kmeans_per_image=4, kmeans_iters=10, precision="fp32", device="cpu")
     split = data.load_split(micro_city, "val")

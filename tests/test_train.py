@@ -25,7 +25,7 @@ def _micro_config(city):
     As the tiny preset, only NetVLAD trains (a frozen encoder runs once per image); tests of
     what encoder training changes use `.replace(trainable="all")`.
     """
-    return PRESETS["tiny"].replace(
+    return PRESETS["tiny-random"].replace(
         data_root=str(city), image_size=(32, 48), num_clusters=4, epochs=2, n_neg=2,
         n_neg_sample=20, n_neg_dist=10, cache_refresh=8, kmeans_images=20, kmeans_per_image=4,
         kmeans_iters=10, precision="fp32", lr=1e-2, device="cpu", trainable="netvlad")
