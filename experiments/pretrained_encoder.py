@@ -128,7 +128,8 @@ def main(argv=None):
     root = args.root or ensure_synthetic_city()
     work = Path(tempfile.mkdtemp(prefix="pretrained_encoder."))
     start = time.perf_counter()
-    result = {"cpu": f"{cpu_model()}, {os.cpu_count()} cores", "encoder": str(args.encoder),
+    result = {"date": time.strftime("%Y-%m-%d"), "cpu": f"{cpu_model()}, {os.cpu_count()} cores",
+              "encoder": str(args.encoder), "preset": args.base,
               "precision": os.environ.get("NETVLAD_PRECISION", "auto")}
 
     with quiet():

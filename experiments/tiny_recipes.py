@@ -47,6 +47,9 @@ RECIPES = {  # changes to each preset
 }
 
 
+BASE_KEYS = ("lr", "epochs", "patience", "seed", "n_neg", "margin")  # recorded with the table
+
+
 def run(changes, base, out):
     """Train one recipe quietly; its row: the changes, the best epoch, the validation recalls
     of every epoch (%) and the seconds it took."""
@@ -74,8 +77,8 @@ def main():
     args = parser.parse_args()
     root = ensure_synthetic_city(args.data_root)
     base = cf.PRESETS[args.preset].replace(data_root=str(root), precision=args.precision)
-    table = {"preset": args.preset, "precision": args.precision, "cpu": cpu_model(),
-             "rows": []}
+    table = {"preset": args.preset, "base": {k: getattr(base, k) for k in BASE_KEYS},
+             "precision": args.precision, "cpu": cpu_model(), "rows": []}
     if args.json and args.json.is_file():
         table = json.loads(args.json.read_text())
     done = {json.dumps(r["changes"], sort_keys=True): r for r in table["rows"]}

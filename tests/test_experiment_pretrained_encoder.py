@@ -46,3 +46,15 @@ def test_script_runs_and_reports_paired_tests(micro_city, tmp_path, monkeypatch)
     assert len(rows) == 1 + len(result["fine_tuned"])
     r1 = result["fine_tuned"][0]["R@1"]
     assert f"{r1['before']} → {r1['after']} (+{r1['fixed']}/−{r1['broken']}" in rows[1]
+
+
+def test_the_readme_table_is_the_committed_result_rendered():
+    spec = importlib.util.spec_from_file_location(
+        "pretrained_encoder", REPO_ROOT / "experiments" / "pretrained_encoder.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    files = sorted((REPO_ROOT / "experiments" / "results").glob("pretrained_encoder_*.json"))
+    assert files, "run experiments/pretrained_encoder.py --json and commit its result"
+    newest = max(files, key=lambda p: json.loads(p.read_text())["date"])
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert script.render_table(json.loads(newest.read_text())) in readme
