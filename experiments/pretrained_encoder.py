@@ -163,10 +163,10 @@ def main(argv=None):
                            work / f"seed{seed}", out)
         runs.append({"seed": seed, **compare(shelf_csv, out,
                                              f"seed {seed}: off the shelf -> fine-tuned")})
-    gains = [r["R@1"]["after"] - r["R@1"]["before"] for r in runs]
+    gains = [float(r["R@1"]["after"] - r["R@1"]["before"]) for r in runs]
     result.update(fine_tuned=runs, mean_gain_r1=round(statistics.mean(gains), 1),
                   seconds=round(time.perf_counter() - start))
-    print(f"fine-tuned vs off the shelf, R@1 gain per seed {gains}, mean "
+    print(f"fine-tuned vs off the shelf, R@1 gain per seed {[round(g, 1) for g in gains]}, mean "
           f"{result['mean_gain_r1']} points ({result['seconds']} s)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -58,8 +58,8 @@ class TrainConfig:
     weights: str | None = "imagenet"  # "imagenet", a local file, or None (random)
     backbone: str = "vgg16_conv5"  # the encoder: a name in `backbone.BACKBONES`
     # What trains: "all" (every VGG16 layer and NetVLAD), "conv5" (conv5_1..conv5_3 and
-    # NetVLAD, the reference with ImageNet weights) or "netvlad" (only NetVLAD: a frozen
-    # encoder, the tiny preset, see there).
+    # NetVLAD, the reference with ImageNet weights; `tiny`) or "netvlad" (only NetVLAD: a
+    # frozen encoder, `tiny-random`).
     trainable: str = "conv5"
     optimizer: str = "sgd"
     lr: float = 1e-4
@@ -306,7 +306,7 @@ PRESETS = {
     "pitts250k": TrainConfig(dataset="pitts250k", negative_pool="shared"),
     # The tiny city from ImageNet VGG16 weights (`weights download imagenet` first; offline the
     # encoder stays random, with a warning): conv5 + NetVLAD train, as the reference. lr 1e-3 is
-    # the paper's SGD rate: pretrained conv5 weights would be wrecked by the tiny preset's 1e-2
+    # the paper's SGD rate: pretrained conv5 weights would be wrecked by `tiny-random`'s 1e-2
     # (meant for a freshly initialized NetVLAD layer alone), and Nanne's 1e-4 barely moves them
     # in ten epochs of 96 queries (Pitts30k gives 30 epochs of 7,416 queries).
     "tiny-imagenet": TrainConfig(

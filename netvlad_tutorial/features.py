@@ -3,9 +3,10 @@
 Two caches live here:
 - `encode_descriptors`: the global descriptor (K*D, or the PCA dimension) of every image, the
   cache that mining reads (stage 4) and that evaluation searches (stage 6);
-- `encode_local_features`: the encoder's conv5 output of every image. When the encoder is
-  frozen (the `tiny` preset trains only NetVLAD) this output never changes, so training runs
-  the encoder once per image and then only the NetVLAD layer on these features.
+- `encode_local_features`: the output of a frozen encoder (or of its frozen prefix) for every
+  image. A frozen part never changes, so training runs it once per image and then only what
+  trains on these maps: NetVLAD on conv5 features (`tiny-random`), or conv5 and NetVLAD on
+  pool4 maps (`tiny`, `run_model.PrefixMapSource`).
 """
 
 import copy
@@ -324,8 +325,8 @@ def backward_memory_mib(model, batch_size, image_size, trainable="conv5", device
     with `no_grad()`.
 
     A layer saves tensors for backward only when something before or in it trains: with a
-    frozen encoder ("netvlad", the `tiny` preset) only the NetVLAD layer saves its inputs;
-    with "conv5" (the reference with ImageNet weights) conv5_1…conv5_3 do too; with "all"
+    frozen encoder ("netvlad", `tiny-random`) only the NetVLAD layer saves its inputs;
+    with "conv5" (the reference with ImageNet weights; `tiny`) conv5_1…conv5_3 do too; with "all"
     (a random encoder trained from scratch) every layer does, from conv1_1's 64 full-size maps
     on. The parameters are not counted. On the "meta" device (the default) tensors have shapes
     but no data: the count is exact at any size, without memory or arithmetic.

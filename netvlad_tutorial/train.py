@@ -547,7 +547,7 @@ def _train(config, run_dir, resume=False, stop_after=None, overwrite=False):
     if latest is not None:
         record = resume_from(latest, run_dir, model, optimizer, scheduler, state, config)
         del latest
-    # A frozen encoder (the tiny preset) is run once per image here, not in every epoch.
+    # A frozen encoder (`tiny-random`) or prefix (`tiny`) runs once per image here.
     run.source.prepare({"train": train_split, "val": val_split}, run_dir)
     for epochs_run, epoch in enumerate(range(record.start_epoch, config.epochs), start=1):
         if stops_early(record, epoch, config):
