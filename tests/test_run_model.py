@@ -134,8 +134,8 @@ def test_every_setting_is_checked(field, value, words):
 
 
 def test_settings_from_text_are_typed():
-    config = PRESETS["tiny-random"].with_settings(["lr=0.5", "max_queries=none", "image_size=32,48",
-                                            "feature_cache=false", "batch-size=8"])
+    config = PRESETS["tiny-random"].with_settings([
+        "lr=0.5", "max_queries=none", "image_size=32,48", "feature_cache=false", "batch-size=8"])
     assert (config.lr, config.max_queries, config.image_size, config.feature_cache,
             config.batch_size) == (0.5, None, (32, 48), False, 8)
     unchanged = {f.name for f in dataclasses.fields(config)} - {
