@@ -2,11 +2,12 @@
 McNemar's exact test for every paired comparison on the tiny city's test split.
 
 Three models, evaluated on the same test queries, one `--per-query` file each:
-- off-the-shelf random: a random VGG16 with k-means NetVLAD (`tiny-random` untrained);
+- off-the-shelf random: a random VGG16 with k-means NetVLAD (`tiny-random` untrained, first seed);
 - off-the-shelf pretrained: the pretrained encoder (`--encoder`: default the one shipped in the
   package, `world`; or a file `pretrain` wrote) with k-means NetVLAD, untrained;
 - fine-tuned: the same start, conv5 and NetVLAD trained (the paper's setting: the `tiny`
-  preset), one run per `--seeds`, the best epoch by validation R@5 as `train` keeps it.
+  preset), one run per `--seeds`, the best epoch by validation R@5 as `train` keeps it, each
+  compared with its own start (the same seed's k-means NetVLAD, untrained).
 The recipe is the preset's, chosen on validation by `experiments/tiny_recipes.py`; with more
 than one `--lrs`, the learning rate is chosen here on validation (first seed), never on test.
 
@@ -133,8 +134,9 @@ def main(argv=None):
               "precision": os.environ.get("NETVLAD_PRECISION", "auto")}
 
     with quiet():
-        random_csv = untrained_file(PRESETS["tiny-random"].replace(data_root=str(root)), root,
-                                    work / "random.csv")
+        random_csv = untrained_file(PRESETS["tiny-random"].replace(data_root=str(root),
+                                                                   seed=args.seeds[0]),
+                                    root, work / "random.csv")
         shelf_csv = untrained_file(pretrained_config(root, args.encoder, args.lrs[0],
                                                      args.seeds[0], args.base),
                                    root, work / "pretrained.csv")
@@ -154,14 +156,16 @@ def main(argv=None):
     result.update(lr=lr, validation={str(k): v for k, v in val.items()})
     print(f"chosen on validation: lr {lr:g}")
 
-    runs = []
+    runs = []  # each seed against its own start: the seed also draws k-means' sample
     for seed in args.seeds:
         out = work / f"lr{lr}.csv" if seed == args.seeds[0] else work / f"seed{seed}.csv"
+        start_csv = shelf_csv
         if seed != args.seeds[0]:
+            config = pretrained_config(root, args.encoder, lr, seed, args.base)
             with quiet():
-                fine_tuned(pretrained_config(root, args.encoder, lr, seed, args.base), root,
-                           work / f"seed{seed}", out)
-        runs.append({"seed": seed, **compare(shelf_csv, out,
+                start_csv = untrained_file(config, root, work / f"pretrained{seed}.csv")
+                fine_tuned(config, root, work / f"seed{seed}", out)
+        runs.append({"seed": seed, **compare(start_csv, out,
                                              f"seed {seed}: off the shelf -> fine-tuned")})
     gains = [float(r["R@1"]["after"] - r["R@1"]["before"]) for r in runs]
     result.update(fine_tuned=runs, mean_gain_r1=round(statistics.mean(gains), 1),
