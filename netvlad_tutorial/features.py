@@ -248,13 +248,22 @@ def features_key(encoder, dataset, precision):
     return h.hexdigest()
 
 
+def frozen_copy(module):
+    """A copy of `module` with every parameter frozen: its weights as they are now.
+
+    `encode_local_features` and `stored_local_features` cache only a frozen encoder's output;
+    an encoder whose conv5 trains (`tiny`) is given to them as its frozen copy, and keeps
+    training itself."""
+    return copy.deepcopy(module).requires_grad_(False)
+
+
 def stored_local_features(encoder, dataset, batch_size=24, num_workers=0, device=None,
                           precision=None, label="Encoding images once (frozen encoder)"):
     """`encode_local_features` in memory, kept in `cache_dir()/features` for the next run.
 
-    A frozen encoder gives the same features in every run (the course's notebooks 02 and 06
-    encode the test split, 04 and 05 the train and val splits, all with the same random
-    encoder), so a small array
+    A frozen encoder gives the same features in every run (the course's notebooks encode the
+    test split once with the same encoder: 02 and 06b with the pretrained one, `frozen_copy`),
+    so a small array
     (up to `STORED_LIMIT_MIB`) is written once, atomically, and read back by every later call
     with the same `features_key`.
 

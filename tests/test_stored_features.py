@@ -107,3 +107,19 @@ def _only_the_head(encode):
         assert isinstance(dataset, ft.FeatureDataset), "the encoder ran again"
         return encode(net, dataset, *args, **kwargs)
     return run
+
+
+def test_a_training_encoder_is_stored_through_its_frozen_copy(store, encoder_and_dataset):
+    frozen, dataset = encoder_and_dataset
+    training = ft.frozen_copy(frozen).requires_grad_(True)  # stands for `tiny`'s conv5 training
+    with pytest.raises(ValueError, match="frozen encoder only"):
+        ft.stored_local_features(training, dataset, batch_size=16, precision="fp32")
+    copy = ft.frozen_copy(training)
+    assert not any(p.requires_grad for p in copy.parameters())
+    assert all(p.requires_grad for p in training.parameters())  # the original still trains
+    with torch.no_grad():
+        next(training.parameters()).add_(1.0)  # a step of the original: the copy keeps its weights
+    assert all(torch.equal(a, b) for a, b in zip(copy.parameters(), frozen.parameters()))
+    stored = ft.stored_local_features(copy, dataset, batch_size=16, precision="fp32")
+    assert np.array_equal(stored, ft.encode_local_features(frozen, dataset, batch_size=16,
+                                                           precision="fp32"))
