@@ -67,6 +67,25 @@ def recalls(result):
     return {n: round(100 * result[f"recall@{n}"], 1) for n in (1, 5, 10)}
 
 
+def load_table(path, fresh):
+    """The search so far: `path`'s table when it holds the same search as `fresh` (preset,
+    base recipe, precision), else `fresh`. A file of another search is refused, not mixed."""
+    if path is None or not path.is_file():
+        return fresh
+    try:
+        table = json.loads(path.read_text())
+        same = all(table[k] == fresh[k] for k in ("preset", "base", "precision"))
+    except (ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"{path}: not a table of this script ({err}); give another --json") \
+            from None
+    if not same:
+        raise SystemExit(f"{path} holds another search (preset {table['preset']!r}, base "
+                         f"{table['base']}, precision {table['precision']!r}); this one is "
+                         f"{fresh['preset']!r}, {fresh['base']}, {fresh['precision']!r}: "
+                         "give another --json")
+    return table
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default=str(ROOT / "data" / "synthetic_tiny"))
@@ -77,10 +96,9 @@ def main():
     args = parser.parse_args()
     root = ensure_synthetic_city(args.data_root)
     base = cf.PRESETS[args.preset].replace(data_root=str(root), precision=args.precision)
-    table = {"preset": args.preset, "base": {k: getattr(base, k) for k in BASE_KEYS},
-             "precision": args.precision, "cpu": cpu_model(), "rows": []}
-    if args.json and args.json.is_file():
-        table = json.loads(args.json.read_text())
+    table = load_table(args.json, {"preset": args.preset,
+                                   "base": {k: getattr(base, k) for k in BASE_KEYS},
+                                   "precision": args.precision, "cpu": cpu_model(), "rows": []})
     done = {json.dumps(r["changes"], sort_keys=True): r for r in table["rows"]}
     with tempfile.TemporaryDirectory() as tmp:
         for i, changes in enumerate(RECIPES[args.preset]):
@@ -98,7 +116,9 @@ def main():
         chosen = ranked[0]
         print(f"\nchosen by validation R@5 (then R@1): {json.dumps(chosen['changes'])}")
         table["chosen"] = chosen["changes"]
-        for label, changes in (("chosen", chosen["changes"]), ("the preset", {})):
+        tests = [("chosen", chosen["changes"])] + ([("the preset", {})] if chosen["changes"]
+                                                   else [])
+        for label, changes in tests:
             out = Path(tmp) / f"test-{label.replace(' ', '-')}"
             with contextlib.redirect_stdout(io.StringIO()), \
                     contextlib.redirect_stderr(io.StringIO()):
@@ -108,8 +128,6 @@ def main():
             table[f"test_{label.replace(' ', '_')}"] = recalls(result)
             print(f"test, {label:10}: R@1/5/10 "
                   + " / ".join(str(v) for v in recalls(result).values()))
-            if not changes or chosen["changes"] == {}:
-                break
     if args.json:
         atomic_json(table, args.json)
 
