@@ -2,6 +2,7 @@
 `netvlad_v100_datasets` describe Pittsburgh 250k/30k, Tokyo 24/7 and TokyoTM.
 """
 
+import io
 from collections import namedtuple
 from pathlib import Path
 
@@ -268,4 +269,11 @@ def save_db_struct(db, path, float_counts=False):
     names = MAT_FIELDS if db.dbTimeStamp is None else MAT_FIELDS_TM
     struct = {k: np.asarray(fields[k])[None] if k.endswith("TimeStamp") else fields[k]
               for k in names}
-    return atomic_write(path, lambda f: savemat(f, {"dbStruct": struct}))
+    buffer = io.BytesIO()
+    savemat(buffer, {"dbStruct": struct})
+    # scipy writes the time into the 116-byte text header: a fixed one keeps the bytes stable
+    data = MAT_HEADER + buffer.getvalue()[len(MAT_HEADER):]
+    return atomic_write(path, data)
+
+
+MAT_HEADER = b"MATLAB 5.0 MAT-file, written by netvlad_tutorial".ljust(116)

@@ -43,9 +43,9 @@ def quick_preset(monkeypatch):
     return "quick-test"
 
 
-def _file_hashes(root):
+def _file_hashes(root, pattern="*.jpg"):
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*.jpg"))}
+            for p in sorted(root.rglob(pattern)) if p.is_file()}
 
 
 def _structs(root):
@@ -122,6 +122,8 @@ def test_same_seed_same_bytes(quick_preset, tmp_path):
     a = make_synthetic_city(tmp_path / "a", preset=quick_preset, seed=5)
     b = make_synthetic_city(tmp_path / "b", preset=quick_preset, seed=5)
     assert _file_hashes(a) == _file_hashes(b) and len(_file_hashes(a)) == 4 * 4 * 4 + 4 * 3
+    everything = _file_hashes(a, "*")  # the `.mat` files and the stamp too: no clock inside
+    assert everything == _file_hashes(b, "*") and len(everything) == 4 * 4 * 4 + 4 * 3 + 3 + 1
     for x, y in zip(_structs(a), _structs(b)):
         for name, u, v in zip(x._fields, x, y):
             np.testing.assert_array_equal(np.asarray(u, dtype=object),
