@@ -68,10 +68,12 @@ class Preset:
 
 
 PRESETS = {
-    # 384 / 192 / 192 database views, 96 / 144 / 144 queries: a few seconds on 2 cores. Val and
-    # test have more queries per street so that one query is 0.7 points of recall, not 2.
+    # 384 / 192 / 192 database views, 96 / 144 / 432 queries: a few seconds on 2 cores. Val and
+    # test have more queries per street so that one query is 0.7 points of recall, not 2; test
+    # 3x val's, for the power of paired tests (0.23 points per query; RESULTS.md, "The
+    # pretrained encoder").
     "tiny": Preset((96, 128), {"train": 6, "val": 3, "test": 3},
-                   queries_per_street={"train": 16, "val": 48, "test": 48}),
+                   queries_per_street={"train": 16, "val": 48, "test": 144}),
     # 1,280 / 640 / 640 database views, 320 / 160 / 160 queries.
     "small": Preset((120, 160), {"train": 20, "val": 10, "test": 10}),
     # 64 / 32 / 32 database views, 16 / 8 / 8 queries at 32 x 48: for unit tests of training.
