@@ -262,8 +262,9 @@ def stored_local_features(encoder, dataset, batch_size=24, num_workers=0, device
     """`encode_local_features` in memory, kept in `cache_dir()/features` for the next run.
 
     A frozen encoder gives the same features in every run (the course's notebooks encode the
-    test split once with the same encoder: 02 and 06b with the pretrained one, `frozen_copy`),
-    so a small array
+    test split once with the same module: 02, 06 and 06b the pretrained encoder's frozen
+    prefix, conv1_1 ... pool4, each through `frozen_copy` or a run's `PrefixMapSource`), so a
+    small array
     (up to `STORED_LIMIT_MIB`) is written once, atomically, and read back by every later call
     with the same `features_key`.
 
