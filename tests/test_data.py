@@ -89,6 +89,18 @@ def test_save_then_parse_round_trip(tmp_path, float_counts):
     assert type(parsed.numDb) is int and type(parsed.numQ) is int
 
 
+def test_saved_bytes_do_not_depend_on_the_clock(tmp_path, monkeypatch):
+    import time  # scipy writes `time.asctime()` into the header; ours must not carry it
+
+    db = _random_db(np.random.default_rng(0))
+    files = []
+    for i, clock in enumerate(["Mon Jan  1 00:00:00 2001", "Tue Feb  2 11:11:11 2022"]):
+        monkeypatch.setattr(time, "asctime", lambda *args, clock=clock: clock)
+        files.append(save_db_struct(db, tmp_path / str(i) / "toy_train.mat").read_bytes())
+    assert files[0] == files[1] and files[0].startswith(b"MATLAB 5.0 MAT-file")
+    _assert_same(parse_db_struct(tmp_path / "1" / "toy_train.mat"), db)
+
+
 def test_real_field_order_with_float_counts_parses_like_ours(tmp_path):
     db = _random_db(np.random.default_rng(1))
     _write_real_order(db, tmp_path / "toy_train.mat")
